@@ -1,0 +1,79 @@
+"""adaloss: angular-margin losses and small CNNs trained on the CPU by a C core.
+
+    import adaloss
+    net = adaloss.Sequential([...]); head = adaloss.ArcFace(10, 128)
+    opt = adaloss.Adam(net.parameters() + head.parameters())
+    trainer = adaloss.Trainer(net, head, opt); loss = trainer.step(x, labels)
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+
+__version__ = "0.1.0"
+
+
+def _preload_openblas() -> None:
+    """Load the scipy-openblas32 library before the extension, so the extension
+    finds it whatever the site-packages layout (its rpath covers the usual one)."""
+    try:
+        import scipy_openblas32
+    except ImportError:  # built against a system OpenBLAS
+        return
+    path = os.path.join(scipy_openblas32.get_lib_dir(), scipy_openblas32.get_library(True))
+    ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+
+
+_preload_openblas()
+
+from . import _core  # noqa: E402
+from ._core import NonFiniteError  # noqa: E402
+from .nn import (  # noqa: E402
+    AdaFace,
+    Adam,
+    ArcFace,
+    Conv2d,
+    CosFace,
+    Flatten,
+    L2Normalize,
+    Linear,
+    MaxPool2d,
+    Parameter,
+    ReLU,
+    Sequential,
+    Softmax,
+    Trainer,
+    manual_seed,
+)
+
+
+def set_num_threads(num_threads: int) -> None:
+    """Number of threads the C core uses (default: the machine's cores)."""
+    if not isinstance(num_threads, int) or isinstance(num_threads, bool):
+        raise TypeError(f"num_threads: expected an int, got {type(num_threads).__name__}")
+    _core.set_num_threads(num_threads)
+
+
+def get_num_threads() -> int:
+    """Number of threads the C core uses."""
+    return _core.get_num_threads()
+
+
+def __getattr__(name: str):
+    # the heavier submodules load on first use, so `import adaloss` stays fast
+    import importlib
+
+    if name in {"datasets", "plots", "presets", "training", "checkpoint", "cli", "study"}:
+        return importlib.import_module(f".{name}", __name__)
+    if name in {"fit", "evaluate", "predict", "History"}:
+        return getattr(importlib.import_module(".training", __name__), name)
+    if name in {"save", "load"}:
+        return getattr(importlib.import_module(".checkpoint", __name__), name)
+    raise AttributeError(f"module 'adaloss' has no attribute {name!r}")
+
+
+__all__ = [
+    "AdaFace", "Adam", "ArcFace", "Conv2d", "CosFace", "Flatten", "L2Normalize", "Linear",
+    "MaxPool2d", "NonFiniteError", "Parameter", "ReLU", "Sequential", "Softmax", "Trainer",
+    "get_num_threads", "manual_seed", "set_num_threads", "__version__",
+]

@@ -1,0 +1,588 @@
+"""Layers, loss heads, Adam and the one-call training step: thin handles on C objects.
+
+Parameters live in C arenas; ``Parameter.data`` and ``Parameter.grad`` are NumPy
+views of them (no copies), in PyTorch's layouts, so a model moves to and from
+PyTorch with a plain dict of arrays.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Iterable, Mapping, Sequence
+
+import numpy as np
+
+from . import _core
+
+# kinds shared with csrc/adaloss.h
+_CONV, _RELU, _POOL, _FLATTEN, _LINEAR, _L2NORM = range(6)
+_HEAD_KINDS = {"Softmax": 0, "CosFace": 1, "ArcFace": 2, "AdaFace": 3}
+_VARIANTS = {"paper": 0, "report": 1}
+_RULES = {"plain": 0, "report": 1}
+
+_rng = np.random.default_rng()
+
+
+def manual_seed(seed: int) -> np.random.Generator:
+    """Seed the generator that initialises new layers and heads (like torch.manual_seed)."""
+    global _rng
+    if not isinstance(seed, numbers.Integral) or isinstance(seed, bool) or seed < 0:
+        raise ValueError(f"seed: expected a non-negative int, got {seed!r}")
+    _rng = np.random.default_rng(int(seed))
+    return _rng
+
+
+def _check_int(name: str, value, low: int = 1, high: int = 1 << 24) -> int:
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+        raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
+    if not low <= value <= high:
+        raise ValueError(f"{name}: expected {low}..{high}, got {value}")
+    return int(value)
+
+
+def _check_float(name: str, value, low: float = -math.inf, high: float = math.inf,
+                 low_open: bool = False) -> float:
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        raise TypeError(f"{name}: expected a number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value) or value < low or value > high or (low_open and value == low):
+        bound = f"({low}, {high}]" if low_open else f"[{low}, {high}]"
+        raise ValueError(f"{name}: expected a finite number in {bound}, got {value}")
+    return value
+
+
+class Parameter:
+    """A named parameter: ``data`` and ``grad`` are float32 views of C memory."""
+
+    __slots__ = ("name", "data", "grad")
+
+    def __init__(self, name: str, data: np.ndarray, grad: np.ndarray):
+        self.name, self.data, self.grad = name, data, grad
+
+    @property
+    def shape(self) -> tuple:
+        return self.data.shape
+
+    def __repr__(self) -> str:
+        return f"Parameter({self.name!r}, shape={self.data.shape})"
+
+
+# ----------------------------------------------------------------- init
+
+def kaiming_uniform_default(weight: np.ndarray, bias: np.ndarray | None, fan_in: int,
+                            rng: np.random.Generator) -> None:
+    """PyTorch's default Conv2d/Linear init: kaiming_uniform_(a=sqrt(5)), i.e.
+    U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weight and bias alike."""
+    bound = 1.0 / math.sqrt(fan_in)
+    weight[...] = rng.uniform(-bound, bound, size=weight.shape)
+    if bias is not None:
+        bias[...] = rng.uniform(-bound, bound, size=bias.shape)
+
+
+def kaiming_normal_(weight: np.ndarray, rng: np.random.Generator | None = None) -> None:
+    """torch.nn.init.kaiming_normal_ with its defaults: N(0, 2 / fan_in)."""
+    rng = rng or _rng
+    fan_in = int(np.prod(weight.shape[1:]))
+    weight[...] = rng.normal(0.0, math.sqrt(2.0 / fan_in), size=weight.shape)
+
+
+def xavier_uniform_(weight: np.ndarray, rng: np.random.Generator | None = None) -> None:
+    """torch.nn.init.xavier_uniform_: U(-a, a), a = sqrt(6 / (fan_in + fan_out))."""
+    rng = rng or _rng
+    fan_out, fan_in = weight.shape[0], int(np.prod(weight.shape[1:]))
+    bound = math.sqrt(6.0 / (fan_in + fan_out))
+    weight[...] = rng.uniform(-bound, bound, size=weight.shape)
+
+
+# ----------------------------------------------------------------- layers
+
+class Layer:
+    """A layer description. Its parameters are its own arrays until a
+    Sequential adopts it; from then on they are views of the network's arena."""
+
+    kind: int = -1
+
+    def __init__(self) -> None:
+        self.params: dict[str, np.ndarray] = {}
+        self.grads: dict[str, np.ndarray] = {}
+
+    def spec(self) -> tuple:
+        return (self.kind, 0, 0, 0, 0)
+
+    def out_shape(self, shape: tuple) -> tuple:
+        return shape
+
+    def __getattr__(self, name: str):
+        params = self.__dict__.get("params", {})
+        if name in params:
+            return params[name]
+        raise AttributeError(f"{type(self).__name__!s} has no attribute {name!r}")
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class Conv2d(Layer):
+    """2-D convolution, stride 1, zero padding; weight (out, in, k, k) as in PyTorch."""
+
+    kind = _CONV
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3,
+                 padding: int = 0, rng: np.random.Generator | None = None):
+        super().__init__()
+        self.in_channels = _check_int("in_channels", in_channels)
+        self.out_channels = _check_int("out_channels", out_channels)
+        self.kernel_size = _check_int("kernel_size", kernel_size, 1, 63)
+        if self.kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size: expected an odd size, got {kernel_size}")
+        self.padding = _check_int("padding", padding, 0, 63)
+        k = self.kernel_size
+        self.params = {"weight": np.empty((out_channels, in_channels, k, k), np.float32),
+                       "bias": np.empty(out_channels, np.float32)}
+        kaiming_uniform_default(self.params["weight"], self.params["bias"],
+                                in_channels * k * k, rng or _rng)
+
+    def spec(self) -> tuple:
+        return (_CONV, self.in_channels, self.out_channels, self.kernel_size, self.padding)
+
+    def out_shape(self, shape: tuple) -> tuple:
+        c, h, w = shape
+        grow = 2 * self.padding - self.kernel_size + 1
+        return (self.out_channels, h + grow, w + grow)
+
+    def __repr__(self) -> str:
+        return (f"Conv2d({self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+                f"padding={self.padding})")
+
+
+class Linear(Layer):
+    """Fully connected layer, y = x W^T + b; weight (out, in) as in PyTorch."""
+
+    kind = _LINEAR
+
+    def __init__(self, in_features: int, out_features: int,
+                 rng: np.random.Generator | None = None):
+        super().__init__()
+        self.in_features = _check_int("in_features", in_features, 1, 1 << 28)
+        self.out_features = _check_int("out_features", out_features, 1, 1 << 24)
+        if in_features * out_features > (1 << 30):
+            raise ValueError(f"in_features * out_features: expected at most 2**30, got "
+                             f"{in_features * out_features}")
+        self.params = {"weight": np.empty((out_features, in_features), np.float32),
+                       "bias": np.empty(out_features, np.float32)}
+        kaiming_uniform_default(self.params["weight"], self.params["bias"], in_features,
+                                rng or _rng)
+
+    def spec(self) -> tuple:
+        return (_LINEAR, self.in_features, self.out_features, 0, 0)
+
+    def out_shape(self, shape: tuple) -> tuple:
+        return (self.out_features,)
+
+    def __repr__(self) -> str:
+        return f"Linear({self.in_features}, {self.out_features})"
+
+
+class ReLU(Layer):
+    kind = _RELU
+
+
+class MaxPool2d(Layer):
+    """2x2 max pooling, stride 2 (the only size the report uses)."""
+
+    kind = _POOL
+
+    def __init__(self, kernel_size: int = 2):
+        super().__init__()
+        if kernel_size != 2:
+            raise ValueError(f"kernel_size: only 2 is supported, got {kernel_size!r}")
+        self.kernel_size = 2
+
+    def out_shape(self, shape: tuple) -> tuple:
+        c, h, w = shape
+        return (c, h // 2, w // 2)
+
+    def __repr__(self) -> str:
+        return "MaxPool2d(2)"
+
+
+class Flatten(Layer):
+    kind = _FLATTEN
+
+    def out_shape(self, shape: tuple) -> tuple:
+        return (int(np.prod(shape)),)
+
+
+class L2Normalize(Layer):
+    """Row-wise x / max(||x||, 1e-12), as torch.nn.functional.normalize."""
+
+    kind = _L2NORM
+
+
+def _infer_input_shape(layers: Sequence[Layer]) -> tuple:
+    """The input shape, from the first layer and the first Linear after a Flatten
+    (square images assumed)."""
+    first = layers[0]
+    if isinstance(first, Linear):
+        return (first.in_features,)
+    if isinstance(first, Conv2d):
+        for size in range(1, 2049):
+            shape: tuple = (first.in_channels, size, size)
+            try:
+                for layer in layers:
+                    if isinstance(layer, Linear) and len(shape) == 1:
+                        if layer.in_features != shape[0]:
+                            raise ValueError
+                        return (first.in_channels, size, size)
+                    if len(shape) == 3 and min(shape[1:]) < 1:
+                        raise ValueError
+                    shape = layer.out_shape(shape)
+            except ValueError:
+                continue
+    raise ValueError("input_shape: cannot infer the input shape from the layers; pass "
+                     "input_shape=(channels, height, width)")
+
+
+class Sequential:
+    """A sequential network whose memory the C core plans once.
+
+    ``input_shape`` is (C, H, W) for images or (D,) for vectors; if omitted it is
+    inferred from the first Linear after a Flatten (square images).
+    """
+
+    def __init__(self, layers: Iterable[Layer], input_shape: Sequence[int] | None = None):
+        layers = list(layers)
+        if not layers:
+            raise ValueError("layers: expected at least one layer, got none")
+        for i, layer in enumerate(layers):
+            if not isinstance(layer, Layer):
+                raise TypeError(f"layers[{i}]: expected an adaloss layer, got "
+                                f"{type(layer).__name__}")
+            if getattr(layer, "_owner", None) is not None:
+                raise ValueError(f"layers[{i}]: this {type(layer).__name__} already belongs to "
+                                 "another Sequential")
+        if input_shape is None:
+            input_shape = _infer_input_shape(layers)
+        input_shape = tuple(int(v) for v in input_shape)
+        if len(input_shape) not in (1, 3) or min(input_shape) < 1:
+            raise ValueError(f"input_shape: expected (C, H, W) or (D,) of positive sizes, got "
+                             f"{input_shape}")
+        self.input_shape = input_shape
+        self.layers = layers
+        self._flat = len(input_shape) == 1
+        c_shape = (input_shape[0], 0, 0) if self._flat else input_shape
+        self._handle = _core.net_create([layer.spec() for layer in layers], c_shape)
+        self._info = _core.net_info(self._handle)
+        params, grads = _core.net_arrays(self._handle)
+        self._param_arena, self._grad_arena = params, grads
+        self._parameters: list[Parameter] = []
+        for i, (layer, info) in enumerate(zip(layers, self._info)):
+            if not info["weight_size"]:
+                continue
+            old = layer.params
+            views, gviews = {}, {}
+            for name, off, size in (("weight", info["weight_offset"], info["weight_size"]),
+                                    ("bias", info["bias_offset"], info["bias_size"])):
+                views[name] = params[off:off + size].reshape(old[name].shape)
+                gviews[name] = grads[off:off + size].reshape(old[name].shape)
+                views[name][...] = old[name]
+                self._parameters.append(Parameter(f"{i}.{name}", views[name], gviews[name]))
+            layer.params, layer.grads = views, gviews
+            layer._owner = self
+        last = self._info[-1]["out_shape"]
+        self.output_dim = int(np.prod(last))
+
+    # ---- the contract
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        """Embeddings (N, D) of a batch: uint8 images are scaled as (x/255 - 0.5)/0.5."""
+        return _core.net_forward(self._handle, x, self._flat)
+
+    __call__ = forward
+
+    def backward(self, d_emb: np.ndarray) -> np.ndarray:
+        """Input gradient of the last forward's batch; accumulates parameter gradients."""
+        return _core.net_backward(self._handle, d_emb, self._flat)
+
+    def parameters(self) -> list[Parameter]:
+        return list(self._parameters)
+
+    def zero_grad(self) -> None:
+        self._grad_arena.fill(0.0)
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        return {p.name: p.data.copy() for p in self._parameters}
+
+    def load_state_dict(self, state: Mapping[str, np.ndarray]) -> None:
+        """Copy weights in; keys and shapes must match exactly (torch.nn.Sequential names)."""
+        if not isinstance(state, Mapping):
+            raise TypeError(f"state: expected a dict of arrays, got {type(state).__name__}")
+        expected = {p.name: p for p in self._parameters}
+        missing, unexpected = set(expected) - set(state), set(state) - set(expected)
+        if missing or unexpected:
+            raise ValueError(f"state: keys do not match the network (missing {sorted(missing)}, "
+                             f"unexpected {sorted(unexpected)})")
+        arrays = {}
+        for name, p in expected.items():
+            value = state[name]
+            if hasattr(value, "detach"):  # a torch tensor
+                value = value.detach().cpu().numpy()
+            arr = np.asarray(value)
+            if arr.shape != p.data.shape:
+                raise ValueError(f"state[{name!r}]: expected shape {p.data.shape}, got {arr.shape}")
+            if not np.issubdtype(arr.dtype, np.floating):
+                raise TypeError(f"state[{name!r}]: expected a float array, got dtype {arr.dtype}")
+            if not np.all(np.isfinite(arr)):
+                raise ValueError(f"state[{name!r}] contains NaN or inf")
+            arrays[name] = arr
+        for name, arr in arrays.items():  # all checked first: never half-loaded
+            np.copyto(expected[name].data, arr, casting="same_kind")
+
+    def num_parameters(self) -> int:
+        return sum(p.data.size for p in self._parameters)
+
+    def __repr__(self) -> str:
+        inner = ",\n  ".join(repr(layer) for layer in self.layers)
+        return f"Sequential(\n  {inner}\n)"
+
+
+# ----------------------------------------------------------------- heads
+
+class _Head:
+    """Common handle of the loss heads. ``weight`` (num_classes, embedding_dim) is
+    a writable view of the C head's class weights."""
+
+    _kind = "Softmax"
+
+    def __init__(self, num_classes: int, embedding_dim: int, s: float = 1.0, m: float = 0.0,
+                 h: float = 0.333, t_alpha: float = 0.01, variant: str = "paper",
+                 rng: np.random.Generator | None = None):
+        self.num_classes = _check_int("num_classes", num_classes)
+        self.embedding_dim = _check_int("embedding_dim", embedding_dim)
+        if not isinstance(variant, str) or variant not in _VARIANTS:
+            raise ValueError(f"variant: expected 'paper' or 'report', got {variant!r}")
+        self.s = _check_float("s", s, 0.0, 1e4, low_open=True)
+        self.m = _check_float("m", m, 0.0, math.pi)
+        self.h = _check_float("h", h, 0.0, 1e3)
+        self.t_alpha = _check_float("t_alpha", t_alpha, 0.0, 1.0)
+        self.variant = variant
+        self.training = True
+        self._handle = _core.head_create(_HEAD_KINDS[self._kind], _VARIANTS[variant],
+                                         self.num_classes, self.embedding_dim, self.s, self.m,
+                                         self.h, self.t_alpha)
+        w, g = _core.head_arrays(self._handle)
+        self._weight = w.reshape(self.num_classes, self.embedding_dim)
+        self.weight_grad = g.reshape(self.num_classes, self.embedding_dim)
+        xavier_uniform_(self._weight, rng or _rng)
+        self._param = Parameter("weight", self._weight, self.weight_grad)
+
+    @property
+    def weight(self) -> np.ndarray:
+        return self._weight
+
+    @weight.setter
+    def weight(self, value) -> None:
+        arr = np.asarray(value)
+        if arr.shape != self._weight.shape:
+            raise ValueError(f"weight: expected shape {self._weight.shape}, got {arr.shape}")
+        if not np.issubdtype(arr.dtype, np.floating) or not np.all(np.isfinite(arr)):
+            raise ValueError("weight: expected a finite float array")
+        np.copyto(self._weight, arr, casting="same_kind")
+
+    def parameters(self) -> list[Parameter]:
+        return [self._param]
+
+    def zero_grad(self) -> None:
+        self.weight_grad.fill(0.0)
+
+    def train(self, mode: bool = True) -> "_Head":
+        self.training = bool(mode)
+        return self
+
+    def eval(self) -> "_Head":
+        return self.train(False)
+
+    def forward(self, emb: np.ndarray, labels: np.ndarray) -> float:
+        """Mean cross-entropy of the margin logits over the batch."""
+        return _core.head_forward(self._handle, emb, labels, self.training)
+
+    __call__ = forward
+
+    def backward(self, accumulate_weight_grad: bool = True) -> np.ndarray:
+        """Gradient w.r.t. the last forward's embedding; adds into weight_grad."""
+        return _core.head_backward(self._handle, accumulate_weight_grad)
+
+    def logits(self, emb: np.ndarray, labels: np.ndarray | None = None,
+               rule: str = "plain") -> np.ndarray:
+        """Scores (N, num_classes) used for prediction. rule='plain' is margin-free;
+        rule='report' is the report's own evaluation (variant='report' only)."""
+        if rule not in _RULES:
+            raise ValueError(f"rule: expected 'plain' or 'report', got {rule!r}")
+        return _core.head_logits(self._handle, emb, labels, _RULES[rule])
+
+    def predict(self, emb: np.ndarray, labels: np.ndarray | None = None,
+                rule: str = "plain") -> np.ndarray:
+        return np.argmax(self.logits(emb, labels, rule), axis=1).astype(np.int64)
+
+    def last_batch(self) -> dict:
+        """The last forward's target angle theta_y (radians) and, for AdaFace, q."""
+        state = _core.head_state(self._handle)
+        return {"target_angle": state["target_angle"], "quality": state["quality"]}
+
+    def __repr__(self) -> str:
+        return (f"{self._kind}(num_classes={self.num_classes}, embedding_dim={self.embedding_dim}, "
+                f"s={self.s}, m={self.m}, variant={self.variant!r})")
+
+
+class Softmax(_Head):
+    """Plain linear classifier (no bias) with cross-entropy: the no-margin baseline."""
+
+    _kind = "Softmax"
+
+    def __init__(self, num_classes: int, embedding_dim: int,
+                 rng: np.random.Generator | None = None):
+        super().__init__(num_classes, embedding_dim, s=1.0, m=0.0, rng=rng)
+
+    def __repr__(self) -> str:
+        return f"Softmax(num_classes={self.num_classes}, embedding_dim={self.embedding_dim})"
+
+
+class CosFace(_Head):
+    """CosFace (Wang et al. 2018): s (cos theta_y - m)."""
+
+    _kind = "CosFace"
+
+    def __init__(self, num_classes: int, embedding_dim: int, s: float = 64.0, m: float = 0.4,
+                 rng: np.random.Generator | None = None):
+        super().__init__(num_classes, embedding_dim, s=s, m=m, rng=rng)
+
+
+class ArcFace(_Head):
+    """ArcFace (Deng et al. 2019): s cos(theta_y + m). variant='report' is the
+    report's unnormalised s (clamp(e . w, -1, 1) - m)."""
+
+    _kind = "ArcFace"
+
+    def __init__(self, num_classes: int, embedding_dim: int, s: float = 64.0, m: float = 0.5,
+                 variant: str = "paper", rng: np.random.Generator | None = None):
+        super().__init__(num_classes, embedding_dim, s=s, m=m, variant=variant, rng=rng)
+
+
+class AdaFace(_Head):
+    """AdaFace (Kim et al. 2022): a margin that adapts to the feature norm.
+    variant='report' is the report's head, whose quality q is rounding noise."""
+
+    _kind = "AdaFace"
+
+    def __init__(self, num_classes: int, embedding_dim: int, s: float = 64.0, m: float = 0.4,
+                 h: float = 0.333, t_alpha: float = 0.01, variant: str = "paper",
+                 rng: np.random.Generator | None = None):
+        super().__init__(num_classes, embedding_dim, s=s, m=m, h=h, t_alpha=t_alpha,
+                         variant=variant, rng=rng)
+
+    @property
+    def running_mean(self) -> float:
+        return _core.head_state(self._handle)["running_mean"]
+
+    @property
+    def running_std(self) -> float:
+        return _core.head_state(self._handle)["running_std"]
+
+    def set_running_stats(self, mean: float, std: float) -> None:
+        _core.head_set_stats(self._handle, _check_float("mean", mean),
+                             _check_float("std", std, 0.0))
+
+
+# ----------------------------------------------------------------- Adam
+
+class Adam:
+    """torch.optim.Adam semantics: bias correction, L2 weight_decay added to the gradient."""
+
+    def __init__(self, params: Iterable[Parameter], lr: float = 1e-3,
+                 betas: tuple = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0):
+        params = list(params)
+        for i, p in enumerate(params):
+            if not isinstance(p, Parameter):
+                raise TypeError(f"params[{i}]: expected an adaloss Parameter, got "
+                                f"{type(p).__name__}")
+        if len({id(p.data) for p in params}) != len(params):
+            raise ValueError("params: a parameter appears twice")
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise ValueError(f"betas: expected a pair (beta1, beta2), got {betas!r}")
+        self.params = params
+        lr = _check_float("lr", lr, 0.0, 1e3)
+        b1 = _check_float("betas[0]", betas[0], 0.0, 1.0)
+        b2 = _check_float("betas[1]", betas[1], 0.0, 1.0)
+        if b1 >= 1.0 or b2 >= 1.0:
+            raise ValueError(f"betas: expected values in [0, 1), got {tuple(betas)}")
+        eps = _check_float("eps", eps, 0.0, 1.0)
+        weight_decay = _check_float("weight_decay", weight_decay, 0.0, 1e3)
+        self._handle = _core.adam_create([(p.data.reshape(-1), p.grad.reshape(-1)) for p in params],
+                                         lr, b1, b2, eps, weight_decay)
+        self.betas, self.eps, self.weight_decay = (b1, b2), eps, weight_decay
+
+    def step(self) -> None:
+        _core.adam_step(self._handle)
+
+    def zero_grad(self) -> None:
+        _core.adam_zero_grad(self._handle)
+
+    @property
+    def lr(self) -> float:
+        return _core.adam_state(self._handle)["lr"]
+
+    @lr.setter
+    def lr(self, value: float) -> None:
+        _core.adam_set(self._handle, self.step_count, _check_float("lr", value, 0.0, 1e3))
+
+    @property
+    def step_count(self) -> int:
+        return _core.adam_state(self._handle)["step"]
+
+    def state_dict(self) -> dict:
+        st = _core.adam_state(self._handle)
+        return {"step": st["step"], "lr": st["lr"], "exp_avg": st["exp_avg"].copy(),
+                "exp_avg_sq": st["exp_avg_sq"].copy()}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        st = _core.adam_state(self._handle)
+        for key in ("exp_avg", "exp_avg_sq"):
+            arr = np.asarray(state[key], dtype=np.float32)
+            if arr.shape != st[key].shape:
+                raise ValueError(f"state[{key!r}]: expected shape {st[key].shape}, got {arr.shape}")
+        st["exp_avg"][...] = state["exp_avg"]
+        st["exp_avg_sq"][...] = state["exp_avg_sq"]
+        _core.adam_set(self._handle, int(state["step"]), float(state["lr"]))
+
+
+# ----------------------------------------------------------------- Trainer
+
+class Trainer:
+    """The whole training step (input conversion, forward, loss, backward, Adam)
+    in one C call that releases the GIL."""
+
+    def __init__(self, net: Sequential, head: _Head, optimizer: Adam):
+        if not isinstance(net, Sequential):
+            raise TypeError(f"net: expected an adaloss.Sequential, got {type(net).__name__}")
+        if not isinstance(head, _Head):
+            raise TypeError(f"head: expected an adaloss head, got {type(head).__name__}")
+        if not isinstance(optimizer, Adam):
+            raise TypeError(f"optimizer: expected an adaloss.Adam, got {type(optimizer).__name__}")
+        if net.output_dim != head.embedding_dim:
+            raise ValueError(f"head: embedding_dim {head.embedding_dim} differs from the "
+                             f"network's output size {net.output_dim}")
+        self.net, self.head, self.optimizer = net, head, optimizer
+        # the report's presets keep the class weights out of the optimizer
+        self.head_trained = any(p is head.parameters()[0] for p in optimizer.params)
+
+    def step(self, x: np.ndarray, labels: np.ndarray) -> float:
+        """One step on a batch (uint8 images or float32); returns the mean loss."""
+        return _core.train_step(self.net._handle, self.head._handle, self.optimizer._handle,
+                                x, labels, self.net._flat, self.head_trained)
+
+    def embed(self, x: np.ndarray, batch_size: int = 1024) -> np.ndarray:
+        """Embeddings of any number of examples, in batches."""
+        n = len(x)
+        if n == 0:
+            return np.zeros((0, self.net.output_dim), np.float32)
+        return np.concatenate([self.net.forward(x[i:i + batch_size])
+                               for i in range(0, n, batch_size)])

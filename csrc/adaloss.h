@@ -1,0 +1,228 @@
+/* adaloss.h: the one public header of the adaloss C core.
+ *
+ * Conventions (see STYLE.md):
+ *   - every symbol starts with ada_; nothing here prints, exits or includes Python;
+ *   - functions that can fail return an ada_status; the wrapper turns it into
+ *     a Python exception;
+ *   - arrays are float32, C-contiguous, NCHW; weight layouts follow PyTorch
+ *     (Conv2d weight (out, in, k, k), Linear weight (out, in));
+ *   - kernel arguments: outputs first, then caches, then inputs, then
+ *     weights, then sizes;
+ *   - forward kernels overwrite their outputs; backward kernels OVERWRITE the
+ *     input gradient (dinp) and ACCUMULATE (+=) into parameter gradients.
+ *     Whoever owns the parameter gradients zeroes them: the network's
+ *     ada_net_zero_grad, the head's ada_head_zero_grad, ada_adam_zero_grad,
+ *     or the training step, which zeroes everything it accumulates into.
+ */
+#ifndef ADALOSS_H
+#define ADALOSS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef enum {
+    ADA_OK = 0,
+    ADA_ENOMEM = 1,       /* an allocation failed */
+    ADA_EINVAL = 2,       /* an argument is out of range (message in the object) */
+    ADA_ENONFINITE = 3,   /* a loss or gradient was NaN or inf; nothing was updated */
+    ADA_ESTATE = 4        /* called in the wrong order (e.g. backward before forward) */
+} ada_status;
+
+#define ADA_ERRLEN 256
+
+/* ---------------------------------------------------------------- threads */
+void ada_set_num_threads(int num_threads);   /* OpenMP threads for our loops */
+int ada_get_num_threads(void);
+
+/* ------------------------------------------------------------------ gemm */
+/* Row-major C = alpha * op(A) @ op(B) + beta * C, op(A) (M, K), op(B) (K, N),
+ * cblas semantics. ada_sgemm splits the larger of M and N over our threads
+ * (each C element is computed by one thread with the full K sum, so the result
+ * does not depend on the number of threads); inside a parallel region it runs
+ * serially. ada_sgemm_reference is the naive triple loop, for tests. */
+void ada_sgemm(int trans_a, int trans_b, int M, int N, int K, float alpha,
+               const float *A, int lda, const float *B, int ldb, float beta,
+               float *C, int ldc);
+void ada_sgemm_serial(int trans_a, int trans_b, int M, int N, int K, float alpha,
+                      const float *A, int lda, const float *B, int ldb, float beta,
+                      float *C, int ldc);
+void ada_sgemm_reference(int trans_a, int trans_b, int M, int N, int K, float alpha,
+                         const float *A, int lda, const float *B, int ldb, float beta,
+                         float *C, int ldc);
+
+/* ---------------------------------------------------------------- conv2d */
+/* 2-D convolution, stride 1, zero padding `pad`, square odd kernel k.
+ * inp (N, C, H, W), weight (OC, C, k, k), bias (OC), out (N, OC, OH, OW)
+ * with OH = H + 2 pad - k + 1. `workspace` holds ada_conv2d_workspace_floats
+ * floats. */
+size_t ada_conv2d_workspace_floats(int C, int H, int W, int OC, int k, int pad,
+                                   int num_threads);
+void ada_conv2d_forward(float *out, float *workspace, const float *inp,
+                        const float *weight, const float *bias,
+                        int N, int C, int H, int W, int OC, int k, int pad,
+                        int relu);
+/* dinp may be NULL (first layer). If the forward fused a ReLU, pass its
+ * output as `out` and the gradient is masked by out > 0; else out = NULL. */
+void ada_conv2d_backward(float *dinp, float *dweight, float *dbias, float *workspace,
+                         float *dout, const float *out, const float *inp,
+                         const float *weight,
+                         int N, int C, int H, int W, int OC, int k, int pad);
+
+/* ------------------------------------------------------------------ pool */
+/* 2x2 max pooling, stride 2, floor mode. inp (N, C, H, W), out (N, C, H/2, W/2).
+ * argmax (same size as out) records which of the 4 window positions won; the
+ * first maximum in row-major order wins ties, as in PyTorch. */
+void ada_maxpool2d_forward(float *out, uint8_t *argmax, const float *inp,
+                           int N, int C, int H, int W);
+void ada_maxpool2d_backward(float *dinp, const float *dout, const uint8_t *argmax,
+                            int N, int C, int H, int W);
+
+/* ---------------------------------------------------------------- linear */
+/* inp (N, I), weight (O, I), bias (O), out (N, O) = inp @ weight^T + bias. */
+void ada_linear_forward(float *out, const float *inp, const float *weight,
+                        const float *bias, int N, int in_features, int out_features,
+                        int relu);
+void ada_linear_backward(float *dinp, float *dweight, float *dbias,
+                         float *dout, const float *out, const float *inp,
+                         const float *weight,
+                         int N, int in_features, int out_features);
+
+/* ----------------------------------------------------------- activations */
+void ada_relu_forward(float *out, const float *inp, size_t n);
+void ada_relu_backward(float *dinp, const float *dout, const float *out, size_t n);
+/* Row-wise x / max(||x||, 1e-12), as torch.nn.functional.normalize.
+ * inp (N, D), out (N, D), norms (N) caches ||x||. */
+void ada_l2norm_forward(float *out, float *norms, const float *inp, int N, int D);
+void ada_l2norm_backward(float *dinp, const float *dout, const float *out,
+                         const float *norms, int N, int D);
+/* uint8 images to float32: (x / 255 - 0.5) / 0.5 */
+void ada_u8_to_float(float *out, const uint8_t *inp, size_t n);
+/* 1 when every element is finite */
+int ada_all_finite(const float *x, size_t n);
+
+/* ----------------------------------------------------------------- heads */
+typedef enum { ADA_HEAD_SOFTMAX = 0, ADA_HEAD_COSFACE = 1,
+               ADA_HEAD_ARCFACE = 2, ADA_HEAD_ADAFACE = 3 } ada_head_kind;
+typedef enum { ADA_VARIANT_PAPER = 0, ADA_VARIANT_REPORT = 1 } ada_head_variant;
+typedef enum { ADA_RULE_PLAIN = 0, ADA_RULE_REPORT = 1 } ada_eval_rule;
+
+typedef struct ada_head {
+    int kind, variant;
+    int num_classes, embedding_dim;
+    float s, m, h, t_alpha, eps;
+    int normalize_embedding, normalize_weight;
+    float *weight, *weight_grad;          /* (C, D) each, in one arena */
+    float running_mean, running_std;      /* AdaFace paper only */
+    /* caches sized for `capacity` examples, valid after a forward */
+    int capacity, cached_n, has_forward;
+    float *emb_unit;    /* (cap, D) normalised (or raw) embedding used in the GEMM */
+    float *emb_norm;    /* (cap) ||e|| */
+    float *weight_unit; /* (C, D) normalised (or raw) weight used in the GEMM */
+    float *weight_norm; /* (C) */
+    float *weight_scratch; /* (C, D) backward's d w_unit */
+    float *cosine;      /* (cap, C) */
+    float *dcosine;     /* (cap, C) d loss / d cosine, filled by forward */
+    float *quality;     /* (cap) AdaFace q of the last forward */
+    float *target_angle;/* (cap) theta_y of the last forward */
+    char err[ADA_ERRLEN];
+} ada_head;
+
+ada_head *ada_head_create(int kind, int variant, int num_classes, int embedding_dim,
+                          float s, float m, float h, float t_alpha);
+void ada_head_free(ada_head *head);
+ada_status ada_head_reserve(ada_head *head, int N);
+void ada_head_zero_grad(ada_head *head);
+/* mean cross-entropy over the batch; caches what backward needs. `training`
+ * updates the AdaFace running statistics. */
+ada_status ada_head_forward(ada_head *head, float *loss, const float *emb,
+                            const int64_t *labels, int N, int training);
+/* demb (N, D) overwritten; weight_grad accumulated when accumulate_weight. */
+ada_status ada_head_backward(ada_head *head, float *demb, int accumulate_weight);
+/* scores used for prediction (N, C). rule PLAIN: margin-free; REPORT: the
+ * report's own evaluation (ArcFace report: margin on labels[i], AdaFace
+ * report: e . W^T with raw W). labels may be NULL for PLAIN. */
+ada_status ada_head_logits(ada_head *head, float *logits, const float *emb,
+                           const int64_t *labels, int N, int rule);
+
+/* ------------------------------------------------------------------ adam */
+typedef struct ada_adam {
+    int num_segments;
+    float **params, **grads;
+    size_t *sizes, total;
+    float *m, *v;                  /* arenas with the concatenated layout */
+    int64_t step;
+    float lr, beta1, beta2, eps, weight_decay;
+} ada_adam;
+
+ada_adam *ada_adam_create(int num_segments, float *const *params, float *const *grads,
+                          const size_t *sizes, float lr, float beta1, float beta2,
+                          float eps, float weight_decay);
+void ada_adam_free(ada_adam *adam);
+void ada_adam_step(ada_adam *adam);
+void ada_adam_zero_grad(ada_adam *adam);
+int ada_adam_grads_finite(const ada_adam *adam);
+
+/* ------------------------------------------------------------------- net */
+typedef enum { ADA_LAYER_CONV2D = 0, ADA_LAYER_RELU = 1, ADA_LAYER_MAXPOOL2D = 2,
+               ADA_LAYER_FLATTEN = 3, ADA_LAYER_LINEAR = 4,
+               ADA_LAYER_L2NORM = 5 } ada_layer_kind;
+
+/* a layer spec: kind and up to four integers
+ * conv2d (in_channels, out_channels, kernel_size, padding); linear (in, out) */
+typedef struct { int kind; int a, b, c, d; } ada_layer_spec;
+
+typedef struct ada_layer {
+    int kind;
+    int in_c, in_h, in_w, out_c, out_h, out_w;   /* flattened: (size, 1, 1) */
+    int k, pad;
+    int fused_relu;          /* conv/linear computed the next ReLU itself */
+    size_t in_size, out_size; /* per example */
+    size_t weight_offset, bias_offset, weight_size, bias_size; /* in the param arena */
+    float *out, *dout;       /* (cap, out_size) activations and their gradients */
+    float *norms;            /* L2Normalize: (cap) */
+    uint8_t *argmax;         /* MaxPool2d: (cap, out_size) */
+} ada_layer;
+
+typedef struct ada_net {
+    int num_layers;
+    ada_layer *layers;
+    int in_c, in_h, in_w;
+    size_t in_size, out_size, num_params;
+    float *params, *grads;    /* arenas with identical layouts */
+    int capacity, threads_planned;
+    float *input;             /* (cap, in_size) float copy of the batch */
+    float *workspace;         /* shared by conv layers */
+    size_t workspace_floats;
+    void *act_arena;          /* activations, gradients, caches: one block */
+    int fuse;                 /* fold ReLU into the preceding conv/linear */
+    char err[ADA_ERRLEN];
+} ada_net;
+
+ada_net *ada_net_create(const ada_layer_spec *specs, int num_layers,
+                        int in_c, int in_h, int in_w, char *err, size_t errlen);
+void ada_net_free(ada_net *net);
+ada_status ada_net_reserve(ada_net *net, int N);
+void ada_net_zero_grad(ada_net *net);
+/* forward of N examples: x_float or x_u8 (exactly one non-NULL); returns a
+ * pointer to the (N, out_size) output inside the net. */
+ada_status ada_net_forward(ada_net *net, const float **output, const float *x_float,
+                           const uint8_t *x_u8, int N);
+/* backward after a forward of N: dout (N, out_size); dinp may be NULL. */
+ada_status ada_net_backward(ada_net *net, float *dinp, const float *dout, int N);
+
+/* The whole training step: input conversion, forward, head loss, backward,
+ * Adam; zeroes the net and head gradients first. If the loss or any gradient
+ * Adam would apply is not finite, returns ADA_ENONFINITE and leaves weights
+ * and Adam state unchanged. */
+ada_status ada_train_step(ada_net *net, ada_head *head, ada_adam *adam, float *loss,
+                          const float *x_float, const uint8_t *x_u8,
+                          const int64_t *labels, int N, int head_weight_trained);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

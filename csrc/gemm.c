@@ -1,0 +1,115 @@
+/* gemm.c: the one GEMM entry point (cblas semantics, OpenBLAS underneath),
+ * its thread split, and a naive reference for tests. */
+#include "adaloss.h"
+
+#include <omp.h>
+
+/* OpenBLAS is called through its cblas symbol. The scipy-openblas32 wheel
+ * prefixes every symbol with "scipy_"; a system OpenBLAS does not. The enum
+ * arguments are passed as their int values (CblasRowMajor 101, CblasNoTrans
+ * 111, CblasTrans 112), which is what the ABI carries. */
+#ifdef ADA_BLAS_PREFIX_SCIPY
+#define ADA_CBLAS_SGEMM scipy_cblas_sgemm
+#define ADA_BLAS_SET_THREADS scipy_openblas_set_num_threads
+#else
+#define ADA_CBLAS_SGEMM cblas_sgemm
+#define ADA_BLAS_SET_THREADS openblas_set_num_threads
+#endif
+void ADA_CBLAS_SGEMM(int order, int trans_a, int trans_b, int M, int N, int K,
+                     float alpha, const float *A, int lda, const float *B, int ldb,
+                     float beta, float *C, int ldc);
+void ADA_BLAS_SET_THREADS(int num_threads);
+
+static int ada_threads = 0;   /* 0: not set yet */
+
+static void ensure_blas_single_threaded(void)
+{
+    /* We split work over OpenMP threads ourselves; OpenBLAS's own pthreads
+     * would oversubscribe the cores and make results depend on its split. */
+    static int done = 0;
+    if (!done) {
+        ADA_BLAS_SET_THREADS(1);
+        done = 1;
+    }
+}
+
+void ada_set_num_threads(int num_threads)
+{
+    ensure_blas_single_threaded();
+    if (num_threads < 1) num_threads = 1;
+    ada_threads = num_threads;
+    omp_set_num_threads(num_threads);
+}
+
+int ada_get_num_threads(void)
+{
+    if (ada_threads == 0) ada_set_num_threads(omp_get_num_procs());
+    return ada_threads;
+}
+
+void ada_sgemm_serial(int trans_a, int trans_b, int M, int N, int K, float alpha,
+                      const float *A, int lda, const float *B, int ldb, float beta,
+                      float *C, int ldc)
+{
+    if (M <= 0 || N <= 0) return;
+    if (K <= 0) {   /* cblas leaves C * beta; do the same without calling it */
+        for (int i = 0; i < M; i++)
+            for (int j = 0; j < N; j++)
+                C[(size_t)i * ldc + j] = beta == 0.0f ? 0.0f : beta * C[(size_t)i * ldc + j];
+        return;
+    }
+    ensure_blas_single_threaded();
+    ADA_CBLAS_SGEMM(101, trans_a ? 112 : 111, trans_b ? 112 : 111, M, N, K, alpha,
+                    A, lda, B, ldb, beta, C, ldc);
+}
+
+void ada_sgemm(int trans_a, int trans_b, int M, int N, int K, float alpha,
+               const float *A, int lda, const float *B, int ldb, float beta,
+               float *C, int ldc)
+{
+    int threads = omp_in_parallel() ? 1 : ada_get_num_threads();
+    double flops = 2.0 * M * N * K;
+    if (threads <= 1 || flops < 4.0e6) {
+        ada_sgemm_serial(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+        return;
+    }
+    /* Split the larger output dimension into one contiguous block per thread,
+     * rounded to 16 so blocks stay aligned with the BLAS kernels' panels. */
+    int split_n = N >= M;
+    int extent = split_n ? N : M;
+    int block = (extent + threads - 1) / threads;
+    block = (block + 15) / 16 * 16;
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (int t = 0; t < threads; t++) {
+        int start = t * block;
+        int stop = start + block < extent ? start + block : extent;
+        if (start >= stop) continue;
+        if (split_n) {
+            const float *B_part = trans_b ? B + (size_t)start * ldb : B + start;
+            ada_sgemm_serial(trans_a, trans_b, M, stop - start, K, alpha, A, lda,
+                             B_part, ldb, beta, C + start, ldc);
+        } else {
+            const float *A_part = trans_a ? A + start : A + (size_t)start * lda;
+            ada_sgemm_serial(trans_a, trans_b, stop - start, N, K, alpha, A_part, lda,
+                             B, ldb, beta, C + (size_t)start * ldc, ldc);
+        }
+    }
+}
+
+void ada_sgemm_reference(int trans_a, int trans_b, int M, int N, int K, float alpha,
+                         const float *A, int lda, const float *B, int ldb, float beta,
+                         float *C, int ldc)
+{
+    for (int i = 0; i < M; i++) {
+        for (int j = 0; j < N; j++) {
+            double acc = 0.0;
+            for (int p = 0; p < K; p++) {
+                float a = trans_a ? A[(size_t)p * lda + i] : A[(size_t)i * lda + p];
+                float b = trans_b ? B[(size_t)j * ldb + p] : B[(size_t)p * ldb + j];
+                acc += (double)a * b;
+            }
+            float *c = &C[(size_t)i * ldc + j];
+            *c = (float)(alpha * acc) + (beta == 0.0f ? 0.0f : beta * *c);
+        }
+    }
+}

@@ -1,0 +1,363 @@
+/* heads.c: the loss heads. Softmax (linear classifier + cross-entropy),
+ * CosFace, ArcFace and AdaFace, the last two in a "paper" and a "report"
+ * variant (DESIGN.md gives every formula).
+ *
+ * All heads share one shape:
+ *   a = e or e/||e||,  w_j = W_j or W_j/||W_j||,   c = a w^T          (N, C)
+ *   logit_ij = s f(c_ij)   with f the margin transform (target j = y_i or not)
+ *   loss = mean_i [ logsumexp_j logit_ij - logit_iy ]
+ * so forward computes d loss / d c once, and backward is two GEMMs and the
+ * normalisations' chain rule. */
+#include "adaloss.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define NORM_EPS 1e-12f
+#define PI_F 3.14159265358979323846f
+
+static void set_err(ada_head *head, const char *msg)
+{
+    snprintf(head->err, ADA_ERRLEN, "%s", msg);
+}
+
+ada_head *ada_head_create(int kind, int variant, int num_classes, int embedding_dim,
+                          float s, float m, float h, float t_alpha)
+{
+    if (num_classes < 1 || embedding_dim < 1 || kind < 0 || kind > 3 ||
+        variant < 0 || variant > 1)
+        return NULL;
+    if ((size_t)num_classes * embedding_dim > ((size_t)1 << 31)) return NULL;
+    ada_head *head = calloc(1, sizeof(*head));
+    if (!head) return NULL;
+    head->kind = kind;
+    head->variant = (kind == ADA_HEAD_ARCFACE || kind == ADA_HEAD_ADAFACE) ? variant
+                                                                           : ADA_VARIANT_PAPER;
+    head->num_classes = num_classes;
+    head->embedding_dim = embedding_dim;
+    head->s = kind == ADA_HEAD_SOFTMAX ? 1.0f : s;
+    head->m = m;
+    head->h = h;
+    head->t_alpha = t_alpha;
+    head->eps = 1e-3f;
+    head->running_mean = 20.0f;
+    head->running_std = 100.0f;
+    /* the report's ArcFace normalises nothing; softmax is a plain classifier */
+    int raw = kind == ADA_HEAD_SOFTMAX ||
+              (kind == ADA_HEAD_ARCFACE && variant == ADA_VARIANT_REPORT);
+    head->normalize_embedding = !raw;
+    head->normalize_weight = !raw;
+    size_t cd = (size_t)num_classes * embedding_dim;
+    head->weight = calloc(cd * 4 + num_classes, sizeof(float));
+    if (!head->weight) { free(head); return NULL; }
+    head->weight_grad = head->weight + cd;
+    head->weight_unit = head->weight + 2 * cd;
+    head->weight_scratch = head->weight + 3 * cd;
+    head->weight_norm = head->weight + 4 * cd;
+    return head;
+}
+
+void ada_head_free(ada_head *head)
+{
+    if (!head) return;
+    free(head->weight);
+    free(head->emb_unit);
+    free(head);
+}
+
+ada_status ada_head_reserve(ada_head *head, int N)
+{
+    if (N <= head->capacity) return ADA_OK;
+    size_t D = head->embedding_dim, C = head->num_classes;
+    /* emb_unit (N D), cosine and dcosine (N C each), emb_norm, quality, angle (N) */
+    float *block = malloc(sizeof(float) * ((size_t)N * (D + 2 * C + 3)));
+    if (!block) { set_err(head, "out of memory for the head's batch caches"); return ADA_ENOMEM; }
+    free(head->emb_unit);
+    head->emb_unit = block;
+    head->cosine = block + (size_t)N * D;
+    head->dcosine = head->cosine + (size_t)N * C;
+    head->emb_norm = head->dcosine + (size_t)N * C;
+    head->quality = head->emb_norm + N;
+    head->target_angle = head->quality + N;
+    head->capacity = N;
+    head->has_forward = 0;
+    return ADA_OK;
+}
+
+void ada_head_zero_grad(ada_head *head)
+{
+    memset(head->weight_grad, 0, sizeof(float) * head->num_classes * head->embedding_dim);
+}
+
+/* rows of x (rows, D) to y = x / max(||x||, 1e-12), with norms */
+static void normalize_rows(float *y, float *norms, const float *x, int rows, int D)
+{
+    ada_l2norm_forward(y, norms, x, rows, D);
+}
+
+/* a (N, D), w (C, D) and cosine = a w^T, from the raw embedding and weight */
+static void cosines(ada_head *head, const float *emb, int N)
+{
+    int C = head->num_classes, D = head->embedding_dim;
+    if (head->normalize_embedding) {
+        normalize_rows(head->emb_unit, head->emb_norm, emb, N, D);
+    } else {
+        memcpy(head->emb_unit, emb, sizeof(float) * (size_t)N * D);
+        for (int n = 0; n < N; n++) head->emb_norm[n] = 1.0f;
+    }
+    if (head->normalize_weight) {
+        normalize_rows(head->weight_unit, head->weight_norm, head->weight, C, D);
+    } else {
+        memcpy(head->weight_unit, head->weight, sizeof(float) * (size_t)C * D);
+    }
+    ada_sgemm(0, 1, N, C, D, 1.0f, head->emb_unit, D, head->weight_unit, D, 0.0f,
+              head->cosine, C);
+}
+
+static float clampf(float x, float lo, float hi, int *inside)
+{
+    /* PyTorch's clamp passes the gradient for lo <= x <= hi, both inclusive */
+    *inside = x >= lo && x <= hi;
+    return x < lo ? lo : (x > hi ? hi : x);
+}
+
+/* AdaFace quality indicator q (no gradient), per DESIGN.md */
+static void adaface_quality(ada_head *head, int N, int training)
+{
+    float *q = head->quality;
+    if (head->variant == ADA_VARIANT_PAPER) {
+        /* Kim et al. 2022, Eq. 4: norms of the unnormalised embedding, clipped
+         * to [0.001, 100], against running batch statistics (momentum t_alpha) */
+        double sum = 0.0, sq = 0.0;
+        for (int n = 0; n < N; n++) {
+            float norm = head->emb_norm[n];
+            q[n] = norm < 0.001f ? 0.001f : (norm > 100.0f ? 100.0f : norm);
+            sum += q[n];
+        }
+        double mean = sum / N;
+        for (int n = 0; n < N; n++) sq += (q[n] - mean) * (q[n] - mean);
+        if (training) {
+            float a = head->t_alpha;
+            head->running_mean = (float)mean * a + (1.0f - a) * head->running_mean;
+            /* the unbiased std of one example is undefined: keep the running std */
+            float std = N > 1 ? (float)sqrt(sq / (N - 1)) : head->running_std;
+            head->running_std = std * a + (1.0f - a) * head->running_std;
+        }
+        for (int n = 0; n < N; n++) {
+            float v = (q[n] - head->running_mean) / (head->running_std + head->eps);
+            v *= head->h;
+            q[n] = v < -1.0f ? -1.0f : (v > 1.0f ? 1.0f : v);
+        }
+    } else {
+        /* The report measures the norm of an embedding it has just normalised:
+         * 1 up to float32 rounding, so q is rounding noise, amplified by
+         * 1 / (std + 1e-7). Computed in float32 as the report's code did. */
+        int D = head->embedding_dim;
+        float mean = 0.0f;
+        for (int n = 0; n < N; n++) {
+            const float *a = head->emb_unit + (size_t)n * D;
+            float acc = 0.0f;
+            for (int d = 0; d < D; d++) acc += a[d] * a[d];
+            q[n] = sqrtf(acc);
+            mean += q[n];
+        }
+        mean /= (float)N;
+        float var = 0.0f;
+        for (int n = 0; n < N; n++) var += (q[n] - mean) * (q[n] - mean);
+        float std = N > 1 ? sqrtf(var / (float)(N - 1)) : 0.0f;
+        for (int n = 0; n < N; n++) {
+            float v = (q[n] - mean) / ((std + 1e-7f) / head->h);
+            q[n] = v < -1.0f ? -1.0f : (v > 1.0f ? 1.0f : v);
+        }
+    }
+}
+
+/* f(c) and df/dc for one cosine; `target` says whether j == y_i */
+static float margin(const ada_head *head, float c, int target, float q,
+                    float *dfdc, float *angle)
+{
+    int inside;
+    float m = head->m;
+    switch (head->kind) {
+    case ADA_HEAD_SOFTMAX:
+        *dfdc = 1.0f;
+        return c;
+    case ADA_HEAD_COSFACE:
+        /* Wang et al. 2018, Eq. 4: s (cos theta_y - m) */
+        *dfdc = 1.0f;
+        if (target) *angle = acosf(c < -1.0f ? -1.0f : (c > 1.0f ? 1.0f : c));
+        return target ? c - m : c;
+    case ADA_HEAD_ARCFACE: {
+        float cc = clampf(c, -1.0f, 1.0f, &inside);
+        if (head->variant == ADA_VARIANT_REPORT) {
+            /* the report: s (clamp(e . w, -1, 1) - m [j = y]) on raw vectors */
+            *dfdc = inside ? 1.0f : 0.0f;
+            if (target) *angle = acosf(cc);
+            return target ? cc - m : cc;
+        }
+        if (!target) { *dfdc = inside ? 1.0f : 0.0f; return cc; }
+        /* Deng et al. 2019, Eq. 3: cos(theta + m) = c cos m - sin(theta) sin m,
+         * so d/dc = cos m + c sin m / sin(theta); sin(theta) = sqrt(1 - c^2)
+         * with 1 - c^2 floored at 1e-12 (zero gradient on the floor). Past
+         * theta > pi - m the target falls back to c - m sin m (slope 1). */
+        *angle = acosf(cc);
+        float threshold = cosf(PI_F - m);
+        if (cc > threshold) {
+            float one_minus = 1.0f - cc * cc;
+            int floored = !(one_minus > 1e-12f);
+            float sine = sqrtf(floored ? 1e-12f : one_minus);
+            float value = cc * cosf(m) - sine * sinf(m);
+            *dfdc = inside ? cosf(m) + (floored ? 0.0f : cc * sinf(m) / sine) : 0.0f;
+            return value;
+        }
+        *dfdc = inside ? 1.0f : 0.0f;
+        return cc - m * sinf(m);
+    }
+    case ADA_HEAD_ADAFACE: default: {
+        int report = head->variant == ADA_VARIANT_REPORT;
+        float lo = report ? -0.9999f : -1.0f + head->eps;
+        float hi = report ? 0.9999f : 1.0f - head->eps;
+        float cc = clampf(c, lo, hi, &inside);
+        if (!target) { *dfdc = inside ? 1.0f : 0.0f; return cc; }
+        /* Kim et al. 2022, Eq. 7: cos(theta - m q) - (m + m q). theta = acos(c),
+         * d theta / dc = -1 / sqrt(1 - c^2), d cos(g) / dg = -sin(g). The paper
+         * head clips g = theta - m q to [eps, pi - eps] (zero gradient outside);
+         * the report's does not clip. */
+        float theta = acosf(cc);
+        *angle = theta;
+        float g = theta - m * q;
+        int g_inside = 1;
+        if (!report) g = clampf(g, head->eps, PI_F - head->eps, &g_inside);
+        float value = cosf(g) - (m + m * q);
+        *dfdc = (inside && g_inside) ? sinf(g) / sqrtf(1.0f - cc * cc) : 0.0f;
+        return value;
+    }
+    }
+}
+
+ada_status ada_head_forward(ada_head *head, float *loss, const float *emb,
+                            const int64_t *labels, int N, int training)
+{
+    int C = head->num_classes;
+    if (N < 1) { set_err(head, "batch size must be at least 1"); return ADA_EINVAL; }
+    for (int n = 0; n < N; n++)
+        if (labels[n] < 0 || labels[n] >= C) {
+            snprintf(head->err, ADA_ERRLEN, "label %lld at index %d is outside [0, %d)",
+                     (long long)labels[n], n, C);
+            return ADA_EINVAL;
+        }
+    ada_status st = ada_head_reserve(head, N);
+    if (st != ADA_OK) return st;
+    cosines(head, emb, N);
+    if (head->kind == ADA_HEAD_ADAFACE) adaface_quality(head, N, training);
+    double total = 0.0;
+    const float s = head->s, inv_n = 1.0f / (float)N;
+    #pragma omp parallel for schedule(static) reduction(+ : total) if (N * C > 8192)
+    for (int n = 0; n < N; n++) {
+        const float *c = head->cosine + (size_t)n * C;
+        float *dc = head->dcosine + (size_t)n * C;   /* holds logits, then dloss/dc */
+        float q = head->kind == ADA_HEAD_ADAFACE ? head->quality[n] : 0.0f;
+        float angle = NAN, dfdc;
+        float maxlogit = -INFINITY;
+        int y = (int)labels[n];
+        float target_slope = 0.0f;
+        for (int j = 0; j < C; j++) {
+            float f = margin(head, c[j], j == y, q, &dfdc, &angle);
+            dc[j] = s * f;
+            if (j == y) target_slope = dfdc;
+            if (dc[j] > maxlogit) maxlogit = dc[j];
+        }
+        head->target_angle[n] = angle;
+        double sumexp = 0.0;
+        for (int j = 0; j < C; j++) sumexp += exp((double)(dc[j] - maxlogit));
+        double lse = maxlogit + log(sumexp);
+        total += lse - dc[y];
+        /* d loss / d logit_j = (softmax_j - [j = y]) / N; times s f'(c_j) */
+        for (int j = 0; j < C; j++) {
+            float p = (float)exp((double)dc[j] - lse);
+            float dlogit = (p - (j == y ? 1.0f : 0.0f)) * inv_n;
+            float slope_j;
+            if (j == y) slope_j = target_slope;
+            else margin(head, c[j], 0, q, &slope_j, &angle);
+            dc[j] = dlogit * s * slope_j;
+        }
+    }
+    *loss = (float)(total / N);
+    head->cached_n = N;
+    head->has_forward = 1;
+    return ADA_OK;
+}
+
+ada_status ada_head_backward(ada_head *head, float *demb, int accumulate_weight)
+{
+    if (!head->has_forward) {
+        set_err(head, "backward() needs a forward() first");
+        return ADA_ESTATE;
+    }
+    int N = head->cached_n, C = head->num_classes, D = head->embedding_dim;
+    /* c = a w^T: da = dc w (N, D), dw = dc^T a (C, D) */
+    ada_sgemm(0, 0, N, D, C, 1.0f, head->dcosine, C, head->weight_unit, D, 0.0f, demb, D);
+    if (head->normalize_embedding)
+        ada_l2norm_backward(demb, demb, head->emb_unit, head->emb_norm, N, D);
+    if (accumulate_weight) {
+        if (!head->normalize_weight) {
+            ada_sgemm(1, 0, C, D, N, 1.0f, head->dcosine, C, head->emb_unit, D, 1.0f,
+                      head->weight_grad, D);
+        } else {
+            /* d w_unit first, then through the row normalisation */
+            size_t cd = (size_t)C * D;
+            float *dw = head->weight_scratch;
+            ada_sgemm(1, 0, C, D, N, 1.0f, head->dcosine, C, head->emb_unit, D, 0.0f, dw, D);
+            ada_l2norm_backward(dw, dw, head->weight_unit, head->weight_norm, C, D);
+            for (size_t i = 0; i < cd; i++) head->weight_grad[i] += dw[i];
+        }
+    }
+    return ADA_OK;
+}
+
+ada_status ada_head_logits(ada_head *head, float *logits, const float *emb,
+                           const int64_t *labels, int N, int rule)
+{
+    int C = head->num_classes, D = head->embedding_dim;
+    if (N < 1) return ADA_OK;
+    if (rule == ADA_RULE_REPORT) {
+        if (head->variant != ADA_VARIANT_REPORT) {
+            set_err(head, "rule='report' exists only for variant='report' heads");
+            return ADA_EINVAL;
+        }
+        if (head->kind == ADA_HEAD_ADAFACE) {
+            /* the report's accuracy: argmax of e . W^T with the raw weight */
+            ada_sgemm(0, 1, N, C, D, 1.0f, emb, D, head->weight, D, 0.0f, logits, C);
+            return ADA_OK;
+        }
+        if (!labels) {
+            set_err(head, "the report's ArcFace evaluation needs labels");
+            return ADA_EINVAL;
+        }
+    }
+    for (int n = 0; labels && n < N; n++)
+        if (labels[n] < 0 || labels[n] >= C) {
+            snprintf(head->err, ADA_ERRLEN, "label %lld at index %d is outside [0, %d)",
+                     (long long)labels[n], n, C);
+            return ADA_EINVAL;
+        }
+    ada_status st = ada_head_reserve(head, N);
+    if (st != ADA_OK) return st;
+    cosines(head, emb, N);
+    head->has_forward = 0;
+    int inside;
+    for (size_t i = 0; i < (size_t)N * C; i++) {
+        float c = head->cosine[i];
+        if (head->kind == ADA_HEAD_ARCFACE) c = clampf(c, -1.0f, 1.0f, &inside);
+        else if (head->kind == ADA_HEAD_ADAFACE) {
+            float lim = head->variant == ADA_VARIANT_REPORT ? 0.9999f : 1.0f - head->eps;
+            c = clampf(c, -lim, lim, &inside);
+        }
+        logits[i] = head->s * c;
+    }
+    if (rule == ADA_RULE_REPORT)   /* ArcFace report: the margin on the true class */
+        for (int n = 0; n < N; n++) logits[(size_t)n * C + labels[n]] -= head->s * head->m;
+    return ADA_OK;
+}

@@ -1,0 +1,323 @@
+/* net.c: a sequential network that plans its memory once, and the one-call
+ * training step.
+ *
+ * Parameters and their gradients live in two arenas with identical layouts
+ * (each layer's weight then bias, 64-byte aligned). Activations, their
+ * gradients, pooling indices and the convolution workspace live in one block
+ * sized for `capacity` examples; it is reallocated only when a larger batch
+ * (or more threads) arrives, never inside a step of a size already seen. */
+#include "adaloss.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define ALIGN_FLOATS 16
+
+static size_t round_up(size_t n) { return (n + ALIGN_FLOATS - 1) / ALIGN_FLOATS * ALIGN_FLOATS; }
+
+static ada_net *fail_create(ada_net *net, char *err, size_t errlen, const char *msg)
+{
+    if (err && errlen) snprintf(err, errlen, "%s", msg);
+    ada_net_free(net);
+    return NULL;
+}
+
+ada_net *ada_net_create(const ada_layer_spec *specs, int num_layers,
+                        int in_c, int in_h, int in_w, char *err, size_t errlen)
+{
+    char msg[ADA_ERRLEN];
+    if (num_layers < 1) return fail_create(NULL, err, errlen, "a network needs at least one layer");
+    int flat = in_h == 0 && in_w == 0;
+    if (flat) { in_h = 1; in_w = 1; }
+    if (in_c < 1 || in_h < 1 || in_w < 1)
+        return fail_create(NULL, err, errlen, "input shape must be positive");
+    ada_net *net = calloc(1, sizeof(*net));
+    if (!net) return fail_create(NULL, err, errlen, "out of memory");
+    net->layers = calloc((size_t)num_layers, sizeof(ada_layer));
+    if (!net->layers) return fail_create(net, err, errlen, "out of memory");
+    net->num_layers = num_layers;
+    net->in_c = in_c; net->in_h = in_h; net->in_w = in_w;
+    net->in_size = (size_t)in_c * in_h * in_w;
+    net->fuse = 1;
+    int c = in_c, h = in_h, w = in_w;
+    size_t params = 0;
+    for (int i = 0; i < num_layers; i++) {
+        ada_layer *L = &net->layers[i];
+        const ada_layer_spec *sp = &specs[i];
+        L->kind = sp->kind;
+        L->in_c = c; L->in_h = h; L->in_w = w;
+        switch (sp->kind) {
+        case ADA_LAYER_CONV2D:
+            if (flat) { snprintf(msg, sizeof msg, "layer %d (Conv2d) needs an image input (C, H, W), got a flat vector", i); return fail_create(net, err, errlen, msg); }
+            if (sp->a != c) { snprintf(msg, sizeof msg, "layer %d (Conv2d) expects %d input channels, but receives %d", i, sp->a, c); return fail_create(net, err, errlen, msg); }
+            if (sp->b < 1 || sp->c < 1 || sp->c % 2 == 0 || sp->d < 0) { snprintf(msg, sizeof msg, "layer %d (Conv2d): out_channels >= 1, an odd kernel_size >= 1 and padding >= 0 expected", i); return fail_create(net, err, errlen, msg); }
+            L->k = sp->c; L->pad = sp->d;
+            L->out_c = sp->b;
+            L->out_h = h + 2 * L->pad - L->k + 1;
+            L->out_w = w + 2 * L->pad - L->k + 1;
+            if (L->out_h < 1 || L->out_w < 1) { snprintf(msg, sizeof msg, "layer %d (Conv2d): kernel %d with padding %d does not fit a %dx%d input", i, L->k, L->pad, h, w); return fail_create(net, err, errlen, msg); }
+            L->weight_size = (size_t)sp->b * sp->a * L->k * L->k;
+            L->bias_size = (size_t)sp->b;
+            break;
+        case ADA_LAYER_LINEAR:
+            if (!flat) { snprintf(msg, sizeof msg, "layer %d (Linear) needs a flat input; put Flatten() before it (input is %dx%dx%d)", i, c, h, w); return fail_create(net, err, errlen, msg); }
+            if (sp->a != c) { snprintf(msg, sizeof msg, "layer %d (Linear) expects in_features=%d, but receives %d", i, sp->a, c); return fail_create(net, err, errlen, msg); }
+            if (sp->b < 1) { snprintf(msg, sizeof msg, "layer %d (Linear): out_features must be >= 1", i); return fail_create(net, err, errlen, msg); }
+            L->out_c = sp->b; L->out_h = 1; L->out_w = 1;
+            L->weight_size = (size_t)sp->b * sp->a;
+            L->bias_size = (size_t)sp->b;
+            break;
+        case ADA_LAYER_MAXPOOL2D:
+            if (flat || h < 2 || w < 2) { snprintf(msg, sizeof msg, "layer %d (MaxPool2d) needs an image input of at least 2x2", i); return fail_create(net, err, errlen, msg); }
+            L->out_c = c; L->out_h = h / 2; L->out_w = w / 2;
+            break;
+        case ADA_LAYER_FLATTEN:
+            L->out_c = c * h * w; L->out_h = 1; L->out_w = 1;
+            flat = 1;
+            break;
+        case ADA_LAYER_L2NORM:
+            if (!flat) { snprintf(msg, sizeof msg, "layer %d (L2Normalize) needs a flat input; put Flatten() before it", i); return fail_create(net, err, errlen, msg); }
+            /* fallthrough */
+        case ADA_LAYER_RELU:
+            L->out_c = c; L->out_h = h; L->out_w = w;
+            break;
+        default:
+            snprintf(msg, sizeof msg, "layer %d has an unknown kind %d", i, sp->kind);
+            return fail_create(net, err, errlen, msg);
+        }
+        L->in_size = (size_t)c * h * w;
+        c = L->out_c; h = L->out_h; w = L->out_w;
+        L->out_size = (size_t)c * h * w;
+        if (L->weight_size) {
+            L->weight_offset = params;
+            params += round_up(L->weight_size);
+            L->bias_offset = params;
+            params += round_up(L->bias_size);
+        }
+    }
+    for (int i = 0; i + 1 < num_layers; i++) {
+        ada_layer *L = &net->layers[i];
+        if (net->fuse && net->layers[i + 1].kind == ADA_LAYER_RELU &&
+            (L->kind == ADA_LAYER_CONV2D || L->kind == ADA_LAYER_LINEAR))
+            L->fused_relu = 1;
+    }
+    net->out_size = net->layers[num_layers - 1].out_size;
+    net->num_params = params;
+    net->params = aligned_alloc(64, sizeof(float) * round_up(params + 1));
+    net->grads = aligned_alloc(64, sizeof(float) * round_up(params + 1));
+    if (!net->params || !net->grads) return fail_create(net, err, errlen, "out of memory for the parameters");
+    memset(net->params, 0, sizeof(float) * round_up(params + 1));
+    memset(net->grads, 0, sizeof(float) * round_up(params + 1));
+    return net;
+}
+
+void ada_net_free(ada_net *net)
+{
+    if (!net) return;
+    free(net->layers);
+    free(net->params);
+    free(net->grads);
+    free(net->act_arena);
+    free(net);
+}
+
+/* a layer's output is another's buffer when it computes nothing of its own */
+static int aliases_input(const ada_net *net, int i)
+{
+    const ada_layer *L = &net->layers[i];
+    if (L->kind == ADA_LAYER_FLATTEN) return 1;
+    return L->kind == ADA_LAYER_RELU && i > 0 && net->layers[i - 1].fused_relu;
+}
+
+ada_status ada_net_reserve(ada_net *net, int N)
+{
+    int threads = ada_get_num_threads();
+    if (N <= net->capacity && threads <= net->threads_planned) return ADA_OK;
+    if (N < net->capacity) N = net->capacity;
+    size_t ws = 0, floats = round_up((size_t)N * net->in_size), bytes_u8 = 0;
+    for (int i = 0; i < net->num_layers; i++) {
+        ada_layer *L = &net->layers[i];
+        if (!aliases_input(net, i)) floats += 2 * round_up((size_t)N * L->out_size);
+        if (L->kind == ADA_LAYER_L2NORM) floats += round_up((size_t)N);
+        if (L->kind == ADA_LAYER_MAXPOOL2D) bytes_u8 += round_up((size_t)N * L->out_size);
+        if (L->kind == ADA_LAYER_CONV2D) {
+            size_t need = ada_conv2d_workspace_floats(L->in_c, L->in_h, L->in_w, L->out_c,
+                                                      L->k, L->pad, threads);
+            if (need > ws) ws = need;
+        }
+    }
+    floats += round_up(ws);
+    void *arena = aligned_alloc(64, (sizeof(float) * floats + bytes_u8 + 127) / 64 * 64);
+    if (!arena) {
+        snprintf(net->err, ADA_ERRLEN, "out of memory planning activations for a batch of %d", N);
+        return ADA_ENOMEM;
+    }
+    free(net->act_arena);
+    net->act_arena = arena;
+    float *p = arena;
+    net->input = p; p += round_up((size_t)N * net->in_size);
+    net->workspace = p; p += round_up(ws);
+    net->workspace_floats = ws;
+    for (int i = 0; i < net->num_layers; i++) {
+        ada_layer *L = &net->layers[i];
+        if (aliases_input(net, i)) {
+            L->out = i > 0 ? net->layers[i - 1].out : net->input;
+            L->dout = i > 0 ? net->layers[i - 1].dout : NULL;
+            continue;
+        }
+        L->out = p; p += round_up((size_t)N * L->out_size);
+        L->dout = p; p += round_up((size_t)N * L->out_size);
+        if (L->kind == ADA_LAYER_L2NORM) { L->norms = p; p += round_up((size_t)N); }
+    }
+    uint8_t *q = (uint8_t *)p;
+    for (int i = 0; i < net->num_layers; i++) {
+        ada_layer *L = &net->layers[i];
+        if (L->kind == ADA_LAYER_MAXPOOL2D) { L->argmax = q; q += round_up((size_t)N * L->out_size); }
+    }
+    net->capacity = N;
+    net->threads_planned = threads;
+    return ADA_OK;
+}
+
+void ada_net_zero_grad(ada_net *net)
+{
+    memset(net->grads, 0, sizeof(float) * net->num_params);
+}
+
+ada_status ada_net_forward(ada_net *net, const float **output, const float *x_float,
+                           const uint8_t *x_u8, int N)
+{
+    if (N < 1) { snprintf(net->err, ADA_ERRLEN, "batch size must be at least 1"); return ADA_EINVAL; }
+    ada_status st = ada_net_reserve(net, N);
+    if (st != ADA_OK) return st;
+    size_t n_in = (size_t)N * net->in_size;
+    if (x_u8) ada_u8_to_float(net->input, x_u8, n_in);
+    else memcpy(net->input, x_float, sizeof(float) * n_in);
+    const float *x = net->input;
+    for (int i = 0; i < net->num_layers; i++) {
+        ada_layer *L = &net->layers[i];
+        const float *weight = net->params + L->weight_offset;
+        const float *bias = net->params + L->bias_offset;
+        switch (L->kind) {
+        case ADA_LAYER_CONV2D:
+            ada_conv2d_forward(L->out, net->workspace, x, weight, bias, N, L->in_c, L->in_h,
+                               L->in_w, L->out_c, L->k, L->pad, L->fused_relu);
+            break;
+        case ADA_LAYER_LINEAR:
+            ada_linear_forward(L->out, x, weight, bias, N, L->in_c, L->out_c, L->fused_relu);
+            break;
+        case ADA_LAYER_RELU:
+            if (!aliases_input(net, i)) ada_relu_forward(L->out, x, (size_t)N * L->out_size);
+            break;
+        case ADA_LAYER_MAXPOOL2D:
+            ada_maxpool2d_forward(L->out, L->argmax, x, N, L->in_c, L->in_h, L->in_w);
+            break;
+        case ADA_LAYER_L2NORM:
+            ada_l2norm_forward(L->out, L->norms, x, N, L->in_c);
+            break;
+        case ADA_LAYER_FLATTEN:
+            break;
+        }
+        x = L->out;
+    }
+    *output = x;
+    return ADA_OK;
+}
+
+/* backward from the last layer's dout buffer, which the caller filled */
+static void backward_from_last(ada_net *net, float *dinp, int N)
+{
+    for (int i = net->num_layers - 1; i >= 0; i--) {
+        ada_layer *L = &net->layers[i];
+        const float *x = i > 0 ? net->layers[i - 1].out : net->input;
+        /* a leading Flatten has no buffers of its own: its input gradient is dinp */
+        float *dx = i > 0 && net->layers[i - 1].dout ? net->layers[i - 1].dout : dinp;
+        float *dweight = net->grads + L->weight_offset;
+        float *dbias = net->grads + L->bias_offset;
+        const float *weight = net->params + L->weight_offset;
+        switch (L->kind) {
+        case ADA_LAYER_CONV2D:
+            ada_conv2d_backward(dx, dweight, dbias, net->workspace, L->dout,
+                                L->fused_relu ? L->out : NULL, x, weight, N, L->in_c,
+                                L->in_h, L->in_w, L->out_c, L->k, L->pad);
+            break;
+        case ADA_LAYER_LINEAR:
+            ada_linear_backward(dx, dweight, dbias, L->dout, L->fused_relu ? L->out : NULL,
+                                x, weight, N, L->in_c, L->out_c);
+            break;
+        case ADA_LAYER_RELU:
+            if (aliases_input(net, i)) {
+                /* fused into layer i - 1; at i == 0 impossible */
+            } else if (dx) {
+                ada_relu_backward(dx, L->dout, L->out, (size_t)N * L->out_size);
+            }
+            break;
+        case ADA_LAYER_MAXPOOL2D:
+            if (dx) ada_maxpool2d_backward(dx, L->dout, L->argmax, N, L->in_c, L->in_h, L->in_w);
+            break;
+        case ADA_LAYER_L2NORM:
+            if (dx) ada_l2norm_backward(dx, L->dout, L->out, L->norms, N, L->in_c);
+            break;
+        case ADA_LAYER_FLATTEN:
+            /* shares its buffers with layer i - 1; at i == 0, copy out */
+            /* nothing to do: a Flatten shares its buffers with its neighbours */
+            break;
+        }
+    }
+}
+
+ada_status ada_net_backward(ada_net *net, float *dinp, const float *dout, int N)
+{
+    if (N < 1 || N > net->capacity) {
+        snprintf(net->err, ADA_ERRLEN, "backward of %d examples does not follow a forward of that batch", N);
+        return ADA_ESTATE;
+    }
+    ada_layer *last = &net->layers[net->num_layers - 1];
+    if (!last->dout) {
+        /* a network that is a lone Flatten: the gradient passes through */
+        if (dinp) memcpy(dinp, dout, sizeof(float) * (size_t)N * net->out_size);
+        return ADA_OK;
+    }
+    memcpy(last->dout, dout, sizeof(float) * (size_t)N * net->out_size);
+    backward_from_last(net, dinp, N);
+    return ADA_OK;
+}
+
+ada_status ada_train_step(ada_net *net, ada_head *head, ada_adam *adam, float *loss,
+                          const float *x_float, const uint8_t *x_u8,
+                          const int64_t *labels, int N, int head_weight_trained)
+{
+    if ((size_t)head->embedding_dim != net->out_size) {
+        snprintf(net->err, ADA_ERRLEN, "the network's output size %zu differs from the head's embedding_dim %d",
+                 net->out_size, head->embedding_dim);
+        return ADA_EINVAL;
+    }
+    const float *emb;
+    ada_status st = ada_net_forward(net, &emb, x_float, x_u8, N);
+    if (st != ADA_OK) return st;
+    st = ada_head_reserve(head, N);
+    if (st != ADA_OK) { snprintf(net->err, ADA_ERRLEN, "%s", head->err); return st; }
+    /* nothing is changed before this point but caches; from here on the
+     * running statistics and gradients change, so validate labels first */
+    float saved_mean = head->running_mean, saved_std = head->running_std;
+    st = ada_head_forward(head, loss, emb, labels, N, 1);
+    if (st != ADA_OK) { snprintf(net->err, ADA_ERRLEN, "%s", head->err); return st; }
+    ada_net_zero_grad(net);
+    if (head_weight_trained) ada_head_zero_grad(head);
+    ada_layer *last = &net->layers[net->num_layers - 1];
+    float *demb = last->dout;
+    if (!demb) { snprintf(net->err, ADA_ERRLEN, "a network without trainable layers cannot be trained"); return ADA_EINVAL; }
+    st = ada_head_backward(head, demb, head_weight_trained);
+    if (st != ADA_OK) { snprintf(net->err, ADA_ERRLEN, "%s", head->err); return st; }
+    backward_from_last(net, NULL, N);
+    if (!(*loss == *loss) || *loss > 3.0e38f || *loss < -3.0e38f || !ada_adam_grads_finite(adam)) {
+        snprintf(net->err, ADA_ERRLEN, "non-finite loss or gradient (loss %g); the step was not applied",
+                 (double)*loss);
+        head->running_mean = saved_mean;
+        head->running_std = saved_std;
+        return ADA_ENONFINITE;
+    }
+    ada_adam_step(adam);
+    return ADA_OK;
+}
