@@ -1,0 +1,51 @@
+"""Shared fixtures. PyTorch is a required test dependency: a missing torch is an
+error, never a silent skip."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import adaloss
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def pytest_report_header(config):
+    return f"adaloss {adaloss.__version__} from {Path(adaloss.__file__).parent}, " \
+           f"{adaloss.get_num_threads()} threads"
+
+
+@pytest.fixture(scope="session")
+def torch():
+    import torch as _torch  # ImportError here is a failure, on purpose
+
+    _torch.set_num_threads(adaloss.get_num_threads())
+    return _torch
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(1234)
+
+
+@pytest.fixture
+def threads():
+    """Restore the thread count a test changes."""
+    before = adaloss.get_num_threads()
+    yield adaloss.set_num_threads
+    adaloss.set_num_threads(before)
+
+
+def data_root() -> Path | None:
+    """Real data sets: $ADALOSS_DATA, else ../shared/data from the project root."""
+    env = os.environ.get("ADALOSS_DATA")
+    if env:
+        return Path(env)
+    for base in (ROOT, *ROOT.parents):
+        cand = base / "shared" / "data"
+        if cand.is_dir():
+            return cand
+    return None
