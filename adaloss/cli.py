@@ -1,0 +1,245 @@
+"""Command line: ``adaloss reproduce`` (also ``python -m adaloss``)."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__
+
+
+def _positive(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
+    return n
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="adaloss",
+        description="Train and compare angular-margin losses (ArcFace, AdaFace, CosFace) on the "
+                    "CPU, and reproduce the AdaLoss report.")
+    p.add_argument("--version", action="version", version=f"adaloss {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser(
+        "reproduce", help="train what a preset says and write a table, figures and results.json",
+        description="Train every head of a preset on a data set, print the accuracy table, and "
+                    "write results.json (every history and setting) and the figures to --out.")
+    r.add_argument("--dataset", choices=["mnist", "cifar10"], required=True,
+                   help="data set: mnist (10 epochs in the report) or cifar10 (20 epochs)")
+    r.add_argument("--preset", choices=["report", "paper", "fair"], default="report",
+                   help="report: the report's four experiments, quirks included; paper: the "
+                        "published heads on the same networks; fair: one backbone for softmax, "
+                        "CosFace, ArcFace and AdaFace (default: report)")
+    r.add_argument("--epochs", type=_positive, default=None,
+                   help="epochs per run (default: the report's, 10 for MNIST, 20 for CIFAR-10)")
+    r.add_argument("--seeds", type=_positive, default=1,
+                   help="number of seeds per head, 0..N-1 (default: 1)")
+    r.add_argument("--heads", default=None,
+                   help="comma-separated subset of the preset's heads (default: all)")
+    r.add_argument("--data-root", default=None,
+                   help="folder holding mnist/ and cifar-10-batches-bin/ (or -py/); default "
+                        "$ADALOSS_DATA, else the user cache; downloads what is missing")
+    r.add_argument("--out", default=None,
+                   help="results folder (default: results/<dataset>-<preset>)")
+    r.add_argument("--force", action="store_true",
+                   help="replace an existing results folder (never done without it)")
+    r.add_argument("--threads", type=_positive, default=None,
+                   help="threads for the C core (default: all cores)")
+    r.add_argument("--subset", type=_positive, default=None, metavar="N",
+                   help="train on N random training images and test on N/5 (quick runs)")
+    r.add_argument("--batch-size", type=_positive, default=None,
+                   help="batch size (default: the report's 64)")
+    r.add_argument("--no-progress", action="store_true", help="no progress bars")
+    r.add_argument("--no-figures", action="store_true", help="write results.json only")
+    pl = sub.add_parser("plot", help="make the figures again from a results folder",
+                        description="Make the figures of a results folder again from its "
+                                    "results.json (the sample grid needs the data set).")
+    pl.add_argument("folder", help="a folder written by 'adaloss reproduce'")
+    pl.add_argument("--data-root", default=None, help="as for reproduce")
+    return p
+
+
+def _load_data(dataset: str, root):
+    from . import datasets
+
+    return datasets.load_mnist(root) if dataset == "mnist" else datasets.load_cifar10(root)
+
+
+def _histogram(values, bins):
+    counts, edges = np.histogram(values, bins=bins)
+    return {"counts": counts.tolist(), "edges": edges.tolist()}
+
+
+def run_one(config, seed: int, data, progress: bool = True, batch_size: int | None = None) -> dict:
+    """Train one (config, seed) and return its JSON record."""
+    from . import presets, training
+
+    trainer = presets.build(config, seed)
+    t0 = time.perf_counter()
+    history = training.fit(trainer, data.train_images, data.train_labels, epochs=config.epochs,
+                           batch_size=batch_size or config.batch_size, x_test=data.test_images,
+                           y_test=data.test_labels, seed=seed, eval_rule=config.eval_rule,
+                           progress=progress)
+    wall = time.perf_counter() - t0
+    stats = training.margin_stats(trainer.net, trainer.head, data.test_images, data.test_labels)
+    rng = np.random.default_rng(seed)
+    sample = np.sort(rng.choice(len(data.test_labels), size=10, replace=False))
+    pred = training.predict(trainer.net, trainer.head, data.test_images[sample],
+                            data.test_labels[sample], rule=config.eval_rule)
+    return {
+        "name": config.name, "head": config.head, "seed": seed, "config": config.to_dict(),
+        "history": history.to_dict(),
+        "test_accuracy": history.test_accuracy[-1] if history.test_accuracy else None,
+        "test_accuracy_plain": (history.test_accuracy_plain[-1]
+                                if history.test_accuracy_plain else None),
+        "wall_seconds": wall,
+        "theta_hist": _histogram(stats["theta_deg"], np.linspace(0, 180, 91)),
+        "theta_mean_deg": float(np.mean(stats["theta_deg"])),
+        "quality_hist": (_histogram(stats["quality"], np.linspace(-1, 1, 41))
+                         if stats["quality"] is not None else None),
+        "sample_indices": sample.tolist(), "sample_predictions": pred.tolist(),
+    }
+
+
+def summary_table(results: dict) -> str:
+    """Markdown table: head, accuracy per seed, mean +- std, the report's number."""
+    by_head: dict = {}
+    for run in results["runs"]:
+        by_head.setdefault(run["head"], []).append(run)
+    lines = ["| head | accuracy per seed (%) | mean ± std (%) | margin-free (%) | report (%) |",
+             "|---|---|---|---|---|"]
+    for head, runs in by_head.items():
+        acc = np.array([100 * r["test_accuracy"] for r in runs])
+        plain = np.array([100 * r["test_accuracy_plain"] for r in runs])
+        std = f" ± {acc.std(ddof=1):.2f}" if len(acc) > 1 else ""
+        rep = runs[0]["config"].get("report_accuracy")
+        lines.append(f"| {head} | {', '.join(f'{a:.2f}' for a in acc)} | {acc.mean():.2f}{std} | "
+                     f"{plain.mean():.2f} | {rep if rep is not None else '–'} |")
+    return "\n".join(lines)
+
+
+def write_json(path: Path, obj) -> None:
+    from .checkpoint import atomic_write
+
+    atomic_write(path, json.dumps(obj, indent=1).encode())
+
+
+def make_figures(folder: Path, results: dict, data=None) -> list:
+    from . import plots
+
+    written = []
+    figs = plots.figures_from_results(results, data)
+    for name, fig in figs.items():
+        for ext in ("png", "svg"):
+            path = folder / f"{name}.{ext}"
+            plots.save(fig, path)
+            written.append(path)
+    return written
+
+
+def cmd_reproduce(args) -> int:
+    from . import datasets, presets, set_num_threads
+
+    if args.threads:
+        set_num_threads(args.threads)
+    out = Path(args.out or f"results/{args.dataset}-{args.preset}")
+    if out.exists() and any(out.iterdir()):
+        if not args.force:
+            print(f"adaloss: {out} exists; choose another --out or pass --force to replace it",
+                  file=sys.stderr)
+            return 2
+    configs = presets.runs(args.dataset, args.preset, args.epochs)
+    if args.heads:
+        wanted = [h.strip() for h in args.heads.split(",") if h.strip()]
+        unknown = set(wanted) - {c.head for c in configs}
+        if unknown:
+            print(f"adaloss: --heads: {sorted(unknown)} not in the {args.preset} preset "
+                  f"({[c.head for c in configs]})", file=sys.stderr)
+            return 2
+        configs = [c for c in configs if c.head in wanted]
+    try:
+        data = _load_data(args.dataset, args.data_root)
+    except datasets.DataError as exc:
+        print(f"adaloss: {exc}", file=sys.stderr)
+        return 1
+    if args.subset:
+        data = datasets.subset(data, args.subset, max(10, args.subset // 5))
+    staging = out.with_name(out.name + ".partial")
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    results = {"adaloss_version": __version__, "command": " ".join(["adaloss"] + sys.argv[1:]),
+               "dataset": args.dataset, "preset": args.preset, "threads": None,
+               "machine": platform.platform(), "subset": args.subset,
+               "started": time.strftime("%Y-%m-%d %H:%M:%S"), "runs": []}
+    from . import get_num_threads
+
+    results["threads"] = get_num_threads()
+    t0 = time.perf_counter()
+    interrupted = False
+    for config in configs:
+        for seed in range(args.seeds):
+            print(f"== {config.name} seed {seed}: {config.epochs} epochs", flush=True)
+            record = run_one(config, seed, data, progress=not args.no_progress,
+                             batch_size=args.batch_size)
+            results["runs"].append(record)
+            results["wall_seconds"] = time.perf_counter() - t0
+            write_json(staging / "results.json", results)
+            acc = record["test_accuracy"]
+            print(f"   test accuracy {100 * acc:.2f} % ({record['wall_seconds']:.0f} s)", flush=True)
+            if record["history"]["interrupted"]:
+                interrupted = True
+                break
+        if interrupted:
+            break
+    table = summary_table(results)
+    (staging / "table.md").write_text(table + "\n")
+    if not args.no_figures:
+        make_figures(staging, results, data)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(staging, out)
+    print(table)
+    print(f"wrote {out}/ (results.json, table.md{', figures' if not args.no_figures else ''}) "
+          f"in {results['wall_seconds']:.0f} s")
+    return 130 if interrupted else 0
+
+
+def cmd_plot(args) -> int:
+    folder = Path(args.folder)
+    path = folder / "results.json"
+    if not path.exists():
+        print(f"adaloss: {path} not found", file=sys.stderr)
+        return 2
+    results = json.loads(path.read_text())
+    data = None
+    try:
+        data = _load_data(results["dataset"], args.data_root)
+    except Exception as exc:  # figures without the sample grid
+        print(f"adaloss: no sample grid ({exc})", file=sys.stderr)
+    for p in make_figures(folder, results, data):
+        print(p)
+    return 0
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    if args.command == "reproduce":
+        return cmd_reproduce(args)
+    return cmd_plot(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

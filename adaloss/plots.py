@@ -1,0 +1,189 @@
+"""The report's figures, and one it lacks (what the margin does to the angles).
+
+Every function returns a matplotlib Figure (made without pyplot, so it works
+headless and in notebooks); ``save(fig, path)`` writes PNG or SVG atomically.
+"""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+from matplotlib.figure import Figure
+
+__all__ = ["loss_curve", "comparison", "sample_grid", "margin_distributions",
+           "figures_from_results", "save", "HEAD_LABELS"]
+
+HEAD_LABELS = {"adaface": "AdaLoss (AdaFace)", "arcface": "ArcFace", "cosface": "CosFace",
+               "softmax": "Softmax"}
+COLORS = {"adaface": "tab:blue", "arcface": "tab:orange", "cosface": "tab:green",
+          "softmax": "tab:gray"}
+
+
+def _losses(history) -> list:
+    if isinstance(history, dict):
+        return list(history["train_loss"])
+    if hasattr(history, "train_loss"):
+        return list(history.train_loss)
+    return [float(v) for v in history]
+
+
+def loss_curve(history, title: str = "Training loss") -> Figure:
+    """Training loss per epoch of one run (a History, its dict, or a list)."""
+    losses = _losses(history)
+    if not losses:
+        raise ValueError("history: no epochs to plot")
+    fig = Figure(figsize=(6, 4), layout="constrained")
+    ax = fig.add_subplot()
+    epochs = np.arange(1, len(losses) + 1)
+    ax.plot(epochs, losses, marker="o")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("training loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    return fig
+
+
+def comparison(curves: dict, title: str = "AdaLoss vs ArcFace") -> Figure:
+    """Loss curves of several heads, each curve's minimum and maximum marked and
+    labelled "(epoch, loss)" as in the report. `curves` maps a head name to a
+    History, its dict, or a list of per-epoch losses."""
+    if not curves:
+        raise ValueError("curves: expected at least one curve")
+    fig = Figure(figsize=(7, 4.5), layout="constrained")
+    ax = fig.add_subplot()
+    for name, history in curves.items():
+        losses = np.asarray(_losses(history), float)
+        epochs = np.arange(1, len(losses) + 1)
+        color = COLORS.get(name)
+        ax.plot(epochs, losses, marker=".", label=HEAD_LABELS.get(name, name), color=color)
+        for which, idx, va in (("min", int(np.argmin(losses)), "top"),
+                               ("max", int(np.argmax(losses)), "bottom")):
+            ax.scatter([epochs[idx]], [losses[idx]], s=60, zorder=3, color=color,
+                       marker="v" if which == "min" else "^", label="_nolegend_")
+            ax.annotate(f"({epochs[idx]}, {losses[idx]:.4f})", (epochs[idx], losses[idx]),
+                        textcoords="offset points", xytext=(6, -10 if va == "top" else 6),
+                        fontsize=8, color=color)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("training loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return fig
+
+
+def sample_grid(images: np.ndarray, true: np.ndarray, pred: np.ndarray, classes=None,
+                rows: int = 2, cols: int = 5, title: str | None = None) -> Figure:
+    """A grid of images (N, C, H, W) uint8 with true and predicted labels; grey
+    for one channel. A wrong prediction is titled in red."""
+    n = rows * cols
+    if len(images) < n or len(true) < n or len(pred) < n:
+        raise ValueError(f"images, true, pred: expected at least {n} of each")
+    fig = Figure(figsize=(2 * cols, 2.3 * rows), layout="constrained")
+    for i in range(n):
+        ax = fig.add_subplot(rows, cols, i + 1)
+        img = np.asarray(images[i])
+        if img.shape[0] == 1:
+            ax.imshow(img[0], cmap="gray", vmin=0, vmax=255)
+        else:
+            ax.imshow(img.transpose(1, 2, 0))
+        name = (lambda k: classes[k] if classes is not None else str(k))
+        ok = int(true[i]) == int(pred[i])
+        ax.set_title(f"true: {name(int(true[i]))}\npred: {name(int(pred[i]))}", fontsize=9,
+                     color="black" if ok else "red")
+        ax.set_xticks([])
+        ax.set_yticks([])
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+def _hist_from(record_hist):
+    counts = np.asarray(record_hist["counts"], float)
+    edges = np.asarray(record_hist["edges"], float)
+    return counts, edges
+
+
+def margin_distributions(records: list, title: str = "What the margin does") -> Figure:
+    """Per head, the distribution of the target angle theta_y on the test set at
+    the end of training, and, for AdaFace, of the quality indicator q. `records`
+    are run records from results.json (with theta_hist / quality_hist) or dicts
+    {"head": ..., "theta_deg": array, "quality": array or None}."""
+    if not records:
+        raise ValueError("records: expected at least one run")
+    has_q = any(r.get("quality_hist") or r.get("quality") is not None for r in records)
+    fig = Figure(figsize=(11 if has_q else 6, 4), layout="constrained")
+    ax = fig.add_subplot(1, 2 if has_q else 1, 1)
+    axq = fig.add_subplot(1, 2, 2) if has_q else None
+    for r in records:
+        head = r["head"]
+        label = HEAD_LABELS.get(head, head)
+        if "theta_hist" in r:
+            counts, edges = _hist_from(r["theta_hist"])
+        else:
+            counts, edges = np.histogram(r["theta_deg"], bins=np.linspace(0, 180, 91))
+        density = counts / max(counts.sum(), 1)
+        ax.stairs(density, edges, label=label, color=COLORS.get(head), fill=False, linewidth=1.5)
+        if axq is not None and (r.get("quality_hist") or r.get("quality") is not None):
+            if r.get("quality_hist"):
+                qc, qe = _hist_from(r["quality_hist"])
+            else:
+                qc, qe = np.histogram(r["quality"], bins=np.linspace(-1, 1, 41))
+            axq.stairs(qc / max(qc.sum(), 1), qe, label=label, color=COLORS.get(head))
+    ax.set_xlabel("target angle θ_y (degrees)")
+    ax.set_ylabel("fraction of test images")
+    ax.set_title("angle to the true class weight")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    if axq is not None:
+        axq.set_xlabel("AdaFace quality indicator q")
+        axq.set_ylabel("fraction of test images")
+        axq.set_title("q (the adaptive part of the margin)")
+        axq.legend()
+        axq.grid(alpha=0.3)
+    fig.suptitle(title)
+    return fig
+
+
+def figures_from_results(results: dict, data=None) -> dict:
+    """Every figure of a results.json (seed 0 of each head): per-run loss curves,
+    the comparison, the margin distributions and, with the data set, the
+    sample grid of the first run (AdaFace if present)."""
+    dataset = results["dataset"]
+    first = {}
+    for run in results["runs"]:
+        first.setdefault(run["head"], run)
+    figs = {}
+    for head, run in first.items():
+        figs[f"loss_{head}"] = loss_curve(run["history"], f"{dataset} {results['preset']}: "
+                                                          f"{HEAD_LABELS.get(head, head)} loss")
+    figs["comparison"] = comparison({h: r["history"] for h, r in first.items()},
+                                    f"{dataset} ({results['preset']} preset): training loss")
+    figs["margins"] = margin_distributions(list(first.values()),
+                                           f"{dataset} ({results['preset']} preset): angles at "
+                                           "the end of training")
+    if data is not None:
+        run = first.get("adaface") or next(iter(first.values()))
+        idx = np.asarray(run["sample_indices"])
+        cifar = dataset == "cifar10"
+        figs["samples"] = sample_grid(data.test_images[idx], data.test_labels[idx],
+                                      np.asarray(run["sample_predictions"]),
+                                      data.classes if cifar else None,
+                                      rows=1 if cifar else 2, cols=5,
+                                      title=f"{HEAD_LABELS.get(run['head'], run['head'])}: "
+                                            "random test images")
+    return figs
+
+
+def save(fig: Figure, path) -> Path:
+    """Write a figure as PNG or SVG (by suffix) through a temporary file."""
+    from .checkpoint import atomic_write
+
+    path = Path(path)
+    fmt = path.suffix.lstrip(".").lower()
+    if fmt not in ("png", "svg"):
+        raise ValueError(f"path: expected a .png or .svg file name, got {path.name!r}")
+    buf = io.BytesIO()
+    fig.savefig(buf, format=fmt, dpi=110)
+    atomic_write(path, buf.getvalue())
+    return path

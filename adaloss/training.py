@@ -1,0 +1,186 @@
+"""Training and evaluation loops: Python chooses the batches, C does each step."""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from . import _core
+from .nn import Sequential, Trainer, _Head
+
+__all__ = ["History", "fit", "evaluate", "predict", "embed", "margin_stats"]
+
+
+@dataclass
+class History:
+    """Per-epoch records: (epoch, mean training loss, test accuracy, seconds)."""
+
+    epochs: list = field(default_factory=list)
+    train_loss: list = field(default_factory=list)
+    test_accuracy: list = field(default_factory=list)
+    test_accuracy_plain: list = field(default_factory=list)
+    seconds: list = field(default_factory=list)
+    step_losses: list = field(default_factory=list)
+    interrupted: bool = False
+    skipped_steps: int = 0
+
+    def rows(self) -> list:
+        return list(zip(self.epochs, self.train_loss, self.test_accuracy, self.seconds))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "History":
+        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+
+
+def _check_xy(x, y, name: str) -> tuple:
+    if not isinstance(x, np.ndarray) or not isinstance(y, np.ndarray):
+        raise TypeError(f"{name}: expected NumPy arrays of images and labels")
+    if len(x) != len(y):
+        raise ValueError(f"{name}: {len(x)} images but {len(y)} labels")
+    return x, y
+
+
+def embed(net: Sequential, x: np.ndarray, batch_size: int = 1000) -> np.ndarray:
+    """Embeddings of any number of examples, in batches."""
+    if len(x) == 0:
+        return np.zeros((0, net.output_dim), np.float32)
+    return np.concatenate([net.forward(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
+
+
+def predict(net: Sequential, head: _Head, x: np.ndarray, labels: np.ndarray | None = None,
+            rule: str = "plain", batch_size: int = 1000) -> np.ndarray:
+    """Predicted classes, in batches; rule='report' needs labels for ArcFace."""
+    out = []
+    for i in range(0, len(x), batch_size):
+        lab = None if labels is None else labels[i:i + batch_size]
+        out.append(head.predict(net.forward(x[i:i + batch_size]), lab, rule))
+    return np.concatenate(out) if out else np.zeros(0, np.int64)
+
+
+def evaluate(net: Sequential, head: _Head, x: np.ndarray, y: np.ndarray, rule: str = "plain",
+             batch_size: int = 1000) -> float:
+    """Accuracy in [0, 1]. rule='plain' is margin-free; 'report' is the report's
+    own evaluation (its ArcFace applies the margin to the true class)."""
+    x, y = _check_xy(x, y, "x, y")
+    if len(y) == 0:
+        raise ValueError("x, y: expected at least one example")
+    pred = predict(net, head, x, y if rule == "report" else None, rule, batch_size)
+    return float(np.mean(pred == y))
+
+
+def margin_stats(net: Sequential, head: _Head, x: np.ndarray, y: np.ndarray,
+                 batch_size: int = 1000) -> dict:
+    """Target angle theta_y (degrees) and, for AdaFace, quality q, per example,
+    from the head's forward in eval mode (running statistics not updated)."""
+    training = head.training
+    head.eval()
+    angles, quality = [], []
+    try:
+        for i in range(0, len(x), batch_size):
+            head.forward(net.forward(x[i:i + batch_size]), y[i:i + batch_size])
+            last = head.last_batch()
+            angles.append(last["target_angle"])
+            quality.append(last["quality"])
+    finally:
+        head.train(training)
+    return {"theta_deg": np.degrees(np.concatenate(angles)),
+            "quality": np.concatenate(quality) if head._kind == "AdaFace" else None}
+
+
+def fit(trainer: Trainer, x_train: np.ndarray, y_train: np.ndarray, epochs: int = 1,
+        batch_size: int = 64, x_test: np.ndarray | None = None, y_test: np.ndarray | None = None,
+        seed: int = 0, eval_rule: str = "plain", progress: bool = True,
+        skip_nonfinite: bool = False, checkpoint_dir=None, resume: bool = True,
+        history: History | None = None, callback=None) -> History:
+    """Train for `epochs` with shuffled batches (seeded), evaluating after each epoch.
+
+    Returns a History. Ctrl-C stops after the current step and returns the
+    history so far (``history.interrupted``). A step with a non-finite loss or
+    gradient is never applied; fit raises NonFiniteError naming the epoch and
+    step, or skips the batch when ``skip_nonfinite``. With ``checkpoint_dir``
+    the state is saved after every epoch and, when ``resume``, training resumes
+    from the latest checkpoint there.
+    """
+    if not isinstance(trainer, Trainer):
+        raise TypeError(f"trainer: expected an adaloss.Trainer, got {type(trainer).__name__}")
+    x_train, y_train = _check_xy(x_train, y_train, "x_train, y_train")
+    if len(y_train) == 0:
+        raise ValueError("x_train: expected at least one example")
+    if not isinstance(epochs, int) or epochs < 0:
+        raise ValueError(f"epochs: expected a non-negative int, got {epochs!r}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size: expected a positive int, got {batch_size!r}")
+    if eval_rule not in ("plain", "report"):
+        raise ValueError(f"eval_rule: expected 'plain' or 'report', got {eval_rule!r}")
+    if (x_test is None) != (y_test is None):
+        raise ValueError("x_test, y_test: give both or neither")
+    history = history or History()
+    rng = np.random.default_rng(seed)
+    start_epoch = 0
+    if checkpoint_dir is not None:
+        from . import checkpoint
+
+        if resume:
+            state = checkpoint.load_latest(checkpoint_dir, trainer)
+            if state is not None:
+                start_epoch, rng, history = state["epoch"], state["rng"], state["history"]
+    n = len(y_train)
+    steps = math.ceil(n / batch_size)
+    bar_cls = None
+    if progress:
+        from tqdm.auto import tqdm as bar_cls
+    for epoch in range(start_epoch, epochs):
+        order = rng.permutation(n)
+        t0 = time.perf_counter()
+        losses = []
+        bar = bar_cls(total=steps, desc=f"epoch {epoch + 1}/{epochs}", leave=False,
+                      unit="step") if bar_cls else None
+        try:
+            for step in range(steps):
+                idx = order[step * batch_size:(step + 1) * batch_size]
+                try:
+                    loss = trainer.step(x_train[idx], y_train[idx])
+                except _core.NonFiniteError as exc:
+                    if not skip_nonfinite:
+                        raise _core.NonFiniteError(
+                            f"epoch {epoch + 1}, step {step + 1}: {exc}; the step was not "
+                            "applied (fit(..., skip_nonfinite=True) skips such batches)") from None
+                    history.skipped_steps += 1
+                    continue
+                losses.append(loss)
+                if bar is not None:
+                    bar.update(1)
+                    if step % 20 == 0:
+                        bar.set_postfix(loss=f"{loss:.4f}")
+        except KeyboardInterrupt:
+            history.interrupted = True
+        finally:
+            if bar is not None:
+                bar.close()
+        seconds = time.perf_counter() - t0
+        if history.interrupted:
+            break
+        history.epochs.append(epoch + 1)
+        history.train_loss.append(float(np.mean(losses)) if losses else float("nan"))
+        history.step_losses.append([float(v) for v in losses])
+        history.seconds.append(seconds)
+        if x_test is not None:
+            history.test_accuracy.append(evaluate(trainer.net, trainer.head, x_test, y_test,
+                                                  eval_rule))
+            history.test_accuracy_plain.append(
+                history.test_accuracy[-1] if eval_rule == "plain"
+                else evaluate(trainer.net, trainer.head, x_test, y_test, "plain"))
+        if progress:
+            acc = f", test accuracy {history.test_accuracy[-1]:.4f}" if x_test is not None else ""
+            print(f"epoch {epoch + 1}/{epochs}: loss {history.train_loss[-1]:.4f}{acc}, "
+                  f"{seconds:.1f} s ({n / seconds:.0f} images/s)", flush=True)
+        if checkpoint_dir is not None:
+            checkpoint.save_training(checkpoint_dir, trainer, epoch + 1, rng, history)
+        if callback is not None:
+            callback(epoch + 1, history)
+    return history

@@ -1,0 +1,188 @@
+"""fit, evaluate, presets and checkpoints on real data subsets."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import adaloss
+from adaloss import checkpoint, datasets, presets, training
+
+
+@pytest.fixture(scope="module")
+def mnist_small(shared_data):
+    data = datasets.load_mnist(shared_data, download=False)
+    return datasets.subset(data, 512, 500, seed=0)
+
+
+def test_fit_learns_on_512_images(mnist_small):
+    config = presets.runs("mnist", "fair")[3]   # AdaFace paper head on the fair backbone
+    trainer = presets.build(config, seed=0)
+    before = training.evaluate(trainer.net, trainer.head, mnist_small.test_images,
+                               mnist_small.test_labels)
+    hist = training.fit(trainer, mnist_small.train_images, mnist_small.train_labels, epochs=3,
+                        x_test=mnist_small.test_images, y_test=mnist_small.test_labels,
+                        progress=False)
+    assert hist.epochs == [1, 2, 3] and len(hist.seconds) == 3
+    assert hist.train_loss[-1] < hist.train_loss[0]
+    assert hist.test_accuracy[-1] > 0.5 > before + 0.2   # chance is 0.1
+    assert len(hist.step_losses[0]) == 8                 # 512 / 64
+
+
+def test_report_presets_match_design():
+    arc, ada = presets.runs("cifar10", "report")
+    assert arc.head_kwargs == {"s": 10.0, "m": 0.5, "variant": "report"} and arc.lr == 1e-4
+    assert ada.head_kwargs["variant"] == "report" and ada.lr == 1e-3 and ada.epochs == 20
+    assert not arc.train_head and not ada.train_head and arc.eval_rule == "report"
+    assert ada.layers[-1] == ("l2norm",)
+    paper_ada = presets.runs("mnist", "paper")[1]
+    assert paper_ada.train_head and paper_ada.layers[-1] != ("l2norm",)
+    fair = presets.runs("mnist", "fair")
+    assert [c.head for c in fair] == ["softmax", "cosface", "arcface", "adaface"]
+    assert len({json.dumps(c.layers) for c in fair}) == 1 and {c.lr for c in fair} == {1e-3}
+    # the same seed gives every fair head the same initial network
+    nets = [presets.build(c, seed=4).net.state_dict() for c in fair]
+    for k in nets[0]:
+        assert all(np.array_equal(nets[0][k], n[k]) for n in nets[1:])
+    with pytest.raises(ValueError, match="preset"):
+        presets.runs("mnist", "best")
+
+
+def test_report_trainer_keeps_class_weights_frozen(mnist_small):
+    trainer = presets.build(presets.runs("mnist", "report")[0], seed=0)
+    w0 = trainer.head.weight.copy()
+    training.fit(trainer, mnist_small.train_images[:128], mnist_small.train_labels[:128],
+                 epochs=1, progress=False)
+    np.testing.assert_array_equal(trainer.head.weight, w0)
+    trainer = presets.build(presets.runs("mnist", "paper")[0], seed=0)
+    w0 = trainer.head.weight.copy()
+    training.fit(trainer, mnist_small.train_images[:128], mnist_small.train_labels[:128],
+                 epochs=1, progress=False)
+    assert not np.array_equal(trainer.head.weight, w0)
+
+
+def test_report_arcface_evaluation_applies_the_margin(mnist_small):
+    trainer = presets.build(presets.runs("mnist", "report")[0], seed=0)
+    training.fit(trainer, mnist_small.train_images, mnist_small.train_labels, epochs=1,
+                 progress=False)
+    x, y = mnist_small.test_images, mnist_small.test_labels
+    emb = trainer.net.forward(x)
+    plain = trainer.head.logits(emb)
+    report = trainer.head.logits(emb, y, rule="report")
+    diff = plain - report
+    np.testing.assert_allclose(diff[np.arange(len(y)), y], 30 * 0.5, rtol=1e-5)
+    diff[np.arange(len(y)), y] = 0
+    assert np.all(diff == 0)
+    assert training.evaluate(trainer.net, trainer.head, x, y, "report") <= \
+        training.evaluate(trainer.net, trainer.head, x, y, "plain")
+
+
+def test_checkpoint_resume_is_bit_identical(mnist_small, tmp_path):
+    config = presets.runs("mnist", "paper")[1]  # AdaFace paper: running statistics too
+    x, y = mnist_small.train_images[:256], mnist_small.train_labels[:256]
+    straight = presets.build(config, seed=1)
+    training.fit(straight, x, y, epochs=4, seed=5, progress=False)
+    resumed = presets.build(config, seed=1)
+    training.fit(resumed, x, y, epochs=2, seed=5, progress=False, checkpoint_dir=tmp_path)
+    again = presets.build(config, seed=99)          # different weights, overwritten by the load
+    hist = training.fit(again, x, y, epochs=4, seed=5, progress=False, checkpoint_dir=tmp_path)
+    assert hist.epochs == [1, 2, 3, 4]
+    for k, v in straight.net.state_dict().items():
+        np.testing.assert_array_equal(v, again.net.state_dict()[k], err_msg=k)
+    np.testing.assert_array_equal(straight.head.weight, again.head.weight)
+    assert straight.head.running_mean == again.head.running_mean
+    assert straight.optimizer.step_count == again.optimizer.step_count == 16
+
+
+def test_checkpoint_rejects_damaged_files(mnist_small, tmp_path):
+    trainer = presets.build(presets.runs("mnist", "paper")[0], seed=0)
+    path = tmp_path / "a.ckpt"
+    checkpoint.save(path, trainer.net, trainer.head, trainer.optimizer, epoch=3)
+    raw = path.read_bytes()
+    assert checkpoint.load(path, trainer.net, trainer.head, trainer.optimizer) == {"epoch": 3}
+    for name, data, match in [("trunc", raw[:len(raw) // 2], "checksum"),
+                              ("flip", raw[:100] + bytes([raw[100] ^ 1]) + raw[101:], "checksum"),
+                              ("magic", b"XXXXXXXX" + raw[8:], "magic"),
+                              ("version", raw[:8] + (7).to_bytes(4, "little") + raw[12:], "version"),
+                              ("empty", b"", "magic")]:
+        bad = tmp_path / f"{name}.ckpt"
+        bad.write_bytes(data)
+        with pytest.raises(checkpoint.CheckpointError, match=match):
+            checkpoint.load(bad, trainer.net, trainer.head, trainer.optimizer)
+    other = presets.build(presets.runs("mnist", "paper")[1], seed=0)   # another network
+    with pytest.raises(checkpoint.CheckpointError, match="architecture"):
+        checkpoint.load(path, other.net, other.head, other.optimizer)
+
+
+def test_checkpoint_save_never_destroys_the_previous_one(mnist_small, tmp_path, monkeypatch):
+    trainer = presets.build(presets.runs("mnist", "paper")[0], seed=0)
+    path = tmp_path / "latest.ckpt"
+    checkpoint.save(path, trainer.net, trainer.head, trainer.optimizer, epoch=1)
+    good = path.read_bytes()
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoint.os, "fsync", crash)
+    with pytest.raises(OSError):
+        checkpoint.save(path, trainer.net, trainer.head, trainer.optimizer, epoch=2)
+    assert path.read_bytes() == good
+    assert [p.name for p in tmp_path.iterdir()] == ["latest.ckpt"]   # no temporary left
+
+
+def test_nonfinite_step_is_rejected_and_fit_says_where(mnist_small):
+    trainer = presets.build(presets.runs("mnist", "fair")[0], seed=0)   # softmax head
+    before = trainer.net.state_dict()
+    m_before = trainer.optimizer.state_dict()
+    trainer.net.parameters()[-1].data[...] = 1e38                       # logits overflow
+    trainer.head.weight[...] = 1e38
+    x, y = mnist_small.train_images[:64], mnist_small.train_labels[:64]
+    snapshot = trainer.net.state_dict()
+    with pytest.raises(adaloss.NonFiniteError, match="not applied"):
+        trainer.step(x, y)
+    for k, v in trainer.net.state_dict().items():
+        np.testing.assert_array_equal(v, snapshot[k])
+    assert trainer.optimizer.step_count == 0
+    np.testing.assert_array_equal(trainer.optimizer.state_dict()["exp_avg"], m_before["exp_avg"])
+    with pytest.raises(adaloss.NonFiniteError, match="epoch 1, step 1"):
+        training.fit(trainer, x, y, epochs=1, progress=False)
+    hist = training.fit(trainer, x, y, epochs=1, progress=False, skip_nonfinite=True)
+    assert hist.skipped_steps == 1
+    del before
+
+
+SIGINT_SCRIPT = r"""
+import sys, time, numpy as np, adaloss
+from adaloss import presets, training
+rng = np.random.default_rng(0)
+x = rng.integers(0, 256, (20000, 1, 28, 28), dtype=np.uint8); y = rng.integers(0, 10, 20000)
+trainer = presets.build(presets.runs("mnist", "fair")[0], seed=0)
+print("ready", flush=True)
+t0 = time.time()
+hist = training.fit(trainer, x, y, epochs=50, progress=False, checkpoint_dir=sys.argv[1],
+                    callback=lambda e, h: print("epoch", e, flush=True))
+print("returned", hist.interrupted, len(hist.epochs), round(time.time() - t0, 1), flush=True)
+"""
+
+
+def test_ctrl_c_returns_history_and_keeps_checkpoint(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-c", SIGINT_SCRIPT, str(tmp_path)],
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    assert proc.stdout.readline().startswith("epoch 1")   # a checkpoint exists now
+    saved = (tmp_path / "latest.ckpt").read_bytes()
+    time.sleep(0.5)
+    sent = time.time()
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=60)
+    lag = time.time() - sent
+    assert proc.returncode == 0, out
+    line = [ln for ln in out.splitlines() if ln.startswith("returned")][0]
+    assert line.split()[1] == "True"
+    assert lag < 5.0   # one step is ~30 ms; the process also has to exit
+    now = (tmp_path / "latest.ckpt").read_bytes()
+    assert now[:8] == b"ADALOSS\0" and len(now) == len(saved)
