@@ -1,0 +1,86 @@
+"""Figures render with the expected axes, labels and markers; the CLI end to end."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from adaloss import cli, plots
+from adaloss.training import History
+
+
+def test_comparison_marks_min_and_max(tmp_path):
+    curves = {"adaface": [0.9, 0.5, 0.3, 0.35], "arcface": [2.0, 2.5, 1.2, 1.0]}
+    fig = plots.comparison(curves, "MNIST")
+    ax = fig.axes[0]
+    texts = sorted(t.get_text() for t in ax.texts)
+    assert texts == sorted(["(3, 0.3000)", "(1, 0.9000)", "(4, 1.0000)", "(2, 2.5000)"])
+    assert ax.get_xlabel() == "epoch" and ax.get_ylabel() == "training loss"
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["AdaLoss (AdaFace)", "ArcFace"]
+    assert len(ax.collections) == 4   # a min and a max marker per curve
+    path = plots.save(fig, tmp_path / "cmp.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert plots.save(fig, tmp_path / "cmp.svg").read_text().lstrip().startswith("<?xml")
+    with pytest.raises(ValueError, match="png or .svg"):
+        plots.save(fig, tmp_path / "cmp.jpg")
+
+
+def test_loss_curve_and_grid(tmp_path, rng):
+    hist = History(epochs=[1, 2], train_loss=[1.0, 0.5])
+    fig = plots.loss_curve(hist, "run")
+    line = fig.axes[0].get_lines()[0]
+    np.testing.assert_array_equal(line.get_ydata(), [1.0, 0.5])
+    with pytest.raises(ValueError):
+        plots.loss_curve([], "empty")
+    imgs = rng.integers(0, 256, (10, 1, 28, 28), dtype=np.uint8)
+    fig = plots.sample_grid(imgs, np.arange(10), np.r_[np.arange(9), 0], rows=2, cols=5)
+    assert len(fig.axes) == 10
+    assert fig.axes[0].get_title() == "true: 0\npred: 0"
+    assert fig.axes[9].title.get_color() == "red"
+    rgb = rng.integers(0, 256, (5, 3, 32, 32), dtype=np.uint8)
+    fig = plots.sample_grid(rgb, np.arange(5), np.arange(5), ["a", "b", "c", "d", "e"], 1, 5)
+    assert fig.axes[4].get_title() == "true: e\npred: e"
+    plots.save(fig, tmp_path / "grid.png")
+
+
+def test_margin_distributions(rng):
+    recs = [{"head": "arcface", "theta_deg": rng.uniform(0, 90, 100), "quality": None},
+            {"head": "adaface", "theta_deg": rng.uniform(0, 90, 100),
+             "quality": rng.uniform(-1, 1, 100)}]
+    fig = plots.margin_distributions(recs)
+    assert len(fig.axes) == 2
+    assert "θ_y" in fig.axes[0].get_xlabel() and "q" in fig.axes[1].get_xlabel()
+
+
+def test_cli_reproduce_end_to_end(tmp_path, shared_data):
+    out = tmp_path / "res"
+    cmd = [sys.executable, "-m", "adaloss", "reproduce", "--dataset", "mnist", "--preset",
+           "report", "--epochs", "1", "--subset", "512", "--data-root", str(shared_data),
+           "--out", str(out), "--no-progress", "--threads", "2"]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+    assert "| arcface |" in run.stdout and "97.86" in run.stdout and "99.11" in run.stdout
+    results = json.loads((out / "results.json").read_text())
+    assert [r["head"] for r in results["runs"]] == ["arcface", "adaface"]
+    assert results["runs"][0]["config"]["head_kwargs"]["s"] == 30.0
+    assert len(results["runs"][1]["history"]["train_loss"]) == 1
+    for name in ("comparison", "samples", "margins", "loss_arcface", "loss_adaface"):
+        assert (out / f"{name}.png").stat().st_size > 1000
+    before = (out / "results.json").read_bytes()
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 2 and "--force" in again.stderr
+    assert (out / "results.json").read_bytes() == before   # never overwritten
+
+
+def test_cli_help_documents_every_option():
+    text = cli.parser()._subparsers._group_actions[0].choices["reproduce"].format_help()
+    for opt in ("--dataset", "--preset", "--epochs", "--seeds", "--data-root", "--out",
+                "--threads", "--force", "--subset"):
+        assert opt in text
+    run = subprocess.run([sys.executable, "-m", "adaloss", "reproduce", "--dataset", "svhn"],
+                         capture_output=True, text=True)
+    assert run.returncode == 2 and "invalid choice" in run.stderr
+    run = subprocess.run([sys.executable, "-m", "adaloss", "reproduce", "--dataset", "mnist",
+                          "--epochs", "0"], capture_output=True, text=True)
+    assert run.returncode == 2 and "positive integer" in run.stderr
