@@ -43,7 +43,7 @@ void ada_set_num_threads(int num_threads)
 
 int ada_get_num_threads(void)
 {
-    if (ada_threads == 0) ada_set_num_threads(omp_get_num_procs());
+    if (ada_threads == 0) ada_set_num_threads(omp_get_max_threads());  /* honours OMP_NUM_THREADS */
     return ada_threads;
 }
 

@@ -1,0 +1,222 @@
+/* test_core.c: the C core on its own, for the sanitizer (ASan + UBSan) and
+ * valgrind builds in CI. Exits non-zero on any failure; prints one summary
+ * line "N passed, N failed". */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "adaloss.h"
+
+static int passed = 0, failed = 0;
+
+#define CHECK(cond, ...) do { \
+    if (cond) passed++; \
+    else { failed++; fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__); \
+           fprintf(stderr, __VA_ARGS__); fputc('\n', stderr); } } while (0)
+
+static unsigned long long rng_state = 88172645463325252ULL;
+static float frand(void)  /* uniform in [-1, 1) */
+{
+    rng_state ^= rng_state << 13; rng_state ^= rng_state >> 7; rng_state ^= rng_state << 17;
+    return (float)((rng_state >> 11) * (1.0 / 9007199254740992.0)) * 2.0f - 1.0f;
+}
+static float *randn(size_t n) { float *p = malloc(n * sizeof(float)); for (size_t i = 0; i < n; i++) p[i] = frand(); return p; }
+static float max_abs(const float *a, size_t n) { float m = 0; for (size_t i = 0; i < n; i++) m = fmaxf(m, fabsf(a[i])); return m; }
+static float max_diff(const float *a, const float *b, size_t n) { float m = 0; for (size_t i = 0; i < n; i++) m = fmaxf(m, fabsf(a[i] - b[i])); return m; }
+
+static void test_gemm(void)
+{
+    int M = 37, N = 53, K = 71;
+    for (int ta = 0; ta < 2; ta++)
+        for (int tb = 0; tb < 2; tb++) {
+            float *A = randn((size_t)M * K), *B = randn((size_t)K * N);
+            float *C = calloc((size_t)M * N, 4), *R = calloc((size_t)M * N, 4);
+            ada_sgemm(ta, tb, M, N, K, 1.0f, A, ta ? M : K, B, tb ? K : N, 0.0f, C, N);
+            ada_sgemm_reference(ta, tb, M, N, K, 1.0f, A, ta ? M : K, B, tb ? K : N, 0.0f, R, N);
+            CHECK(max_diff(C, R, (size_t)M * N) < 1e-4f * max_abs(R, (size_t)M * N), "gemm ta=%d tb=%d", ta, tb);
+            free(A); free(B); free(C); free(R);
+        }
+}
+
+/* naive direct convolution */
+static void conv_ref(float *out, const float *x, const float *w, const float *b,
+                     int N, int C, int H, int W, int OC, int k, int pad)
+{
+    int OH = H + 2 * pad - k + 1, OW = W + 2 * pad - k + 1;
+    for (int n = 0; n < N; n++) for (int o = 0; o < OC; o++) for (int i = 0; i < OH; i++) for (int j = 0; j < OW; j++) {
+        double acc = b[o];
+        for (int c = 0; c < C; c++) for (int p = 0; p < k; p++) for (int q = 0; q < k; q++) {
+            int ih = i + p - pad, iw = j + q - pad;
+            if (ih >= 0 && ih < H && iw >= 0 && iw < W)
+                acc += (double)x[((size_t)(n * C + c) * H + ih) * W + iw] * w[((size_t)(o * C + c) * k + p) * k + q];
+        }
+        out[((size_t)(n * OC + o) * OH + i) * OW + j] = (float)acc;
+    }
+}
+
+static double conv_objective(const float *x, const float *w, const float *b, const float *r,
+                             int N, int C, int H, int W, int OC, int k, int pad, size_t nout)
+{
+    float *out = malloc(nout * 4);
+    conv_ref(out, x, w, b, N, C, H, W, OC, k, pad);
+    double s = 0; for (size_t i = 0; i < nout; i++) s += (double)out[i] * r[i];
+    free(out);
+    return s;
+}
+
+static void test_conv(int k, int pad)
+{
+    int N = 3, C = 2, H = 6, W = 5, OC = 4;
+    int OH = H + 2 * pad - k + 1, OW = W + 2 * pad - k + 1;
+    size_t nx = (size_t)N * C * H * W, nw = (size_t)OC * C * k * k, nout = (size_t)N * OC * OH * OW;
+    float *x = randn(nx), *w = randn(nw), *b = randn(OC), *r = randn(nout);
+    float *out = malloc(nout * 4), *ref = malloc(nout * 4);
+    float *ws = malloc(ada_conv2d_workspace_floats(C, H, W, OC, k, pad, ada_get_num_threads()) * 4);
+    ada_conv2d_forward(out, ws, x, w, b, N, C, H, W, OC, k, pad, 0);
+    conv_ref(ref, x, w, b, N, C, H, W, OC, k, pad);
+    CHECK(max_diff(out, ref, nout) < 1e-5f * max_abs(ref, nout) + 1e-6f, "conv forward k=%d pad=%d", k, pad);
+    float *dx = malloc(nx * 4), *dw = calloc(nw, 4), *db = calloc(OC, 4), *dout = malloc(nout * 4);
+    memcpy(dout, r, nout * 4);
+    ada_conv2d_backward(dx, dw, db, ws, dout, NULL, x, w, N, C, H, W, OC, k, pad);
+    /* central differences in float on the double-accumulated objective */
+    float h = 1e-2f, worst = 0;
+    for (size_t i = 0; i < nw; i++) {
+        float old = w[i];
+        w[i] = old + h; double up = conv_objective(x, w, b, r, N, C, H, W, OC, k, pad, nout);
+        w[i] = old - h; double dn = conv_objective(x, w, b, r, N, C, H, W, OC, k, pad, nout);
+        w[i] = old;
+        worst = fmaxf(worst, fabsf((float)((up - dn) / (2 * h)) - dw[i]));
+    }
+    CHECK(worst < 1e-2f * max_abs(dw, nw), "conv dweight k=%d pad=%d (%g)", k, pad, worst);
+    worst = 0;
+    for (size_t i = 0; i < nx; i++) {
+        float old = x[i];
+        x[i] = old + h; double up = conv_objective(x, w, b, r, N, C, H, W, OC, k, pad, nout);
+        x[i] = old - h; double dn = conv_objective(x, w, b, r, N, C, H, W, OC, k, pad, nout);
+        x[i] = old;
+        worst = fmaxf(worst, fabsf((float)((up - dn) / (2 * h)) - dx[i]));
+    }
+    CHECK(worst < 1e-2f * max_abs(dx, nx), "conv dinput k=%d pad=%d (%g)", k, pad, worst);
+    float dbsum = 0, rsum = 0;
+    for (int o = 0; o < OC; o++) dbsum += db[o];
+    for (size_t i = 0; i < nout; i++) rsum += r[i];
+    CHECK(fabsf(dbsum - rsum) < 1e-3f * (1 + fabsf(rsum)), "conv dbias sum");
+    free(x); free(w); free(b); free(r); free(out); free(ref); free(ws); free(dx); free(dw); free(db); free(dout);
+}
+
+static void test_pool(void)
+{
+    float x[2 * 5 * 4], out[2 * 2 * 2], dx[2 * 5 * 4], dy[8];
+    uint8_t am[8];
+    for (int i = 0; i < 40; i++) x[i] = (float)((i * 7) % 11);
+    ada_maxpool2d_forward(out, am, x, 1, 2, 5, 4);
+    for (int i = 0; i < 8; i++) dy[i] = (float)(i + 1);
+    ada_maxpool2d_backward(dx, dy, am, 1, 2, 5, 4);
+    float total = 0; for (int i = 0; i < 40; i++) total += dx[i];
+    CHECK(total == 36.0f, "pool backward routes every gradient once");
+    CHECK(out[0] == fmaxf(fmaxf(x[0], x[1]), fmaxf(x[4], x[5])), "pool forward max");
+}
+
+static void test_heads(void)
+{
+    int N = 6, C = 4, D = 5;
+    for (int kind = 0; kind < 4; kind++)
+        for (int variant = 0; variant < 2; variant++) {
+            if (variant && kind < 2) continue;
+            ada_head *head = ada_head_create(kind, variant, C, D, 4.0f, 0.3f, 0.333f, 0.01f);
+            CHECK(head != NULL, "head create");
+            float *emb = randn((size_t)N * D);
+            for (size_t i = 0; i < (size_t)C * D; i++) head->weight[i] = frand() * (kind == 2 && variant ? 0.2f : 1.0f);
+            for (size_t i = 0; i < (size_t)N * D; i++) emb[i] *= (kind == 2 && variant) ? 0.2f : (kind == 3 && !variant ? 20.0f : 1.0f);
+            int64_t labels[6] = {0, 1, 2, 3, 1, 2};
+            float loss, demb[30];
+            CHECK(ada_head_forward(head, &loss, emb, labels, N, 0) == ADA_OK && isfinite(loss), "head forward %d/%d", kind, variant);
+            ada_head_zero_grad(head);
+            CHECK(ada_head_backward(head, demb, 1) == ADA_OK, "head backward");
+            if (!(kind == 3 && variant == 1)) {  /* report AdaFace: q is noise, not differentiable */
+                float h = 1e-2f, worst = 0;
+                for (int i = 0; i < N * D; i++) {
+                    float old = emb[i], up, dn;
+                    emb[i] = old + h; ada_head_forward(head, &up, emb, labels, N, 0);
+                    emb[i] = old - h; ada_head_forward(head, &dn, emb, labels, N, 0);
+                    emb[i] = old;
+                    worst = fmaxf(worst, fabsf((up - dn) / (2 * h) - demb[i]));
+                }
+                CHECK(worst < 0.05f * max_abs(demb, (size_t)N * D) + 1e-4f, "head %d/%d demb (%g)", kind, variant, worst);
+            }
+            int64_t bad[6] = {0, 1, 2, 3, 4, 0};
+            CHECK(ada_head_forward(head, &loss, emb, bad, N, 1) == ADA_EINVAL && strstr(head->err, "label 4"), "head rejects labels");
+            free(emb);
+            ada_head_free(head);
+        }
+}
+
+static void test_adam(void)
+{
+    float p[3] = {1, 2, 3}, g[3] = {0.5f, -0.5f, 0}, *pp = p, *gp = g;
+    size_t n = 3;
+    ada_adam *adam = ada_adam_create(1, &pp, &gp, &n, 0.1f, 0.9f, 0.999f, 1e-8f, 0.0f);
+    ada_adam_step(adam);
+    CHECK(fabsf(p[0] - 0.9f) < 1e-6f && fabsf(p[1] - 2.1f) < 1e-6f && p[2] == 3.0f, "adam first step is lr * sign(g)");
+    ada_adam_free(adam);
+}
+
+static void test_net(void)
+{
+    char err[ADA_ERRLEN];
+    ada_layer_spec bad[2] = {{ADA_LAYER_CONV2D, 3, 4, 3, 1}, {ADA_LAYER_RELU, 0, 0, 0, 0}};
+    CHECK(ada_net_create(bad, 2, 1, 8, 8, err, sizeof err) == NULL && strstr(err, "input channels"), "net rejects channels");
+    ada_layer_spec specs[] = {{ADA_LAYER_CONV2D, 1, 4, 3, 1}, {ADA_LAYER_RELU, 0, 0, 0, 0},
+                              {ADA_LAYER_MAXPOOL2D, 0, 0, 0, 0}, {ADA_LAYER_FLATTEN, 0, 0, 0, 0},
+                              {ADA_LAYER_LINEAR, 64, 16, 0, 0}, {ADA_LAYER_RELU, 0, 0, 0, 0},
+                              {ADA_LAYER_LINEAR, 16, 8, 0, 0}, {ADA_LAYER_L2NORM, 0, 0, 0, 0}};
+    ada_net *net = ada_net_create(specs, 8, 1, 8, 8, err, sizeof err);
+    CHECK(net != NULL, "net create: %s", err);
+    for (size_t i = 0; i < net->num_params; i++) net->params[i] = 0.3f * frand();
+    ada_head *head = ada_head_create(ADA_HEAD_ADAFACE, ADA_VARIANT_PAPER, 4, 8, 16.0f, 0.4f, 0.333f, 0.01f);
+    for (int i = 0; i < 32; i++) head->weight[i] = frand();
+    float *params[2] = {net->params, head->weight}, *grads[2] = {net->grads, head->weight_grad};
+    size_t sizes[2] = {net->num_params, 32};
+    ada_adam *adam = ada_adam_create(2, params, grads, sizes, 1e-2f, 0.9f, 0.999f, 1e-8f, 0.0f);
+    uint8_t x[16 * 64];
+    int64_t y[16];
+    for (int i = 0; i < 16 * 64; i++) x[i] = (uint8_t)(i * 37 % 256);
+    for (int i = 0; i < 16; i++) y[i] = i % 4;
+    float first = 0, loss = 0;
+    for (int step = 0; step < 60; step++) {
+        CHECK(ada_train_step(net, head, adam, &loss, NULL, x, y, 16, 1) == ADA_OK, "train step");
+        if (step == 0) first = loss;
+    }
+    CHECK(isfinite(loss) && loss < first, "loss falls on a fixed batch (%g -> %g)", first, loss);
+    /* a larger batch replans; a smaller one reuses */
+    CHECK(ada_train_step(net, head, adam, &loss, NULL, x, y, 3, 1) == ADA_OK, "smaller batch");
+    int64_t badlab[16] = {0};
+    badlab[5] = 9;
+    CHECK(ada_train_step(net, head, adam, &loss, NULL, x, badlab, 16, 1) == ADA_EINVAL, "bad label rejected");
+    const float *outp;
+    float xf[2 * 64];
+    for (int i = 0; i < 128; i++) xf[i] = frand();
+    CHECK(ada_net_forward(net, &outp, xf, NULL, 2) == ADA_OK, "float forward");
+    float dx[2 * 64], dout[16];
+    for (int i = 0; i < 16; i++) dout[i] = frand();
+    CHECK(ada_net_backward(net, dx, dout, 2) == ADA_OK, "backward");
+    ada_adam_free(adam);
+    ada_head_free(head);
+    ada_net_free(net);
+}
+
+int main(void)
+{
+    test_gemm();
+    test_conv(3, 1);
+    test_conv(3, 0);
+    test_conv(5, 2);
+    test_conv(1, 0);
+    test_pool();
+    test_heads();
+    test_adam();
+    test_net();
+    printf("%d passed, %d failed\n", passed, failed);
+    return failed != 0;
+}
