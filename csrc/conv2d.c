@@ -11,7 +11,8 @@
 
 typedef struct {
     int C, H, W, OC, k, pad, OH, OW;
-    size_t K, OHW, col_floats, thread_floats;
+    int group;                 /* images per GEMM: small feature maps are batched */
+    size_t K, OHW, ld, col_floats, tmp_floats, thread_floats;
 } conv_geom;
 
 static conv_geom geometry(int C, int H, int W, int OC, int k, int pad)
@@ -22,10 +23,16 @@ static conv_geom geometry(int C, int H, int W, int OC, int k, int pad)
     g.OW = W + 2 * pad - k + 1;
     g.K = (size_t)C * k * k;
     g.OHW = (size_t)g.OH * g.OW;
-    g.col_floats = g.K * g.OHW;
-    /* col, then dweight (OC, K), then dbias (OC); rounded to 16 floats so
-     * threads never share a cache line */
-    g.thread_floats = (g.col_floats + g.K * OC + OC + 15) / 16 * 16;
+    /* A GEMM whose N = OH OW is small (8x8 maps: 64) runs far below peak;
+     * side by side in one im2col buffer, `group` images make N >= ~1024. */
+    g.group = g.OHW >= 1024 ? 1 : (int)((1024 + g.OHW - 1) / g.OHW);
+    if (g.group > 16) g.group = 16;
+    g.ld = g.OHW * g.group;
+    g.col_floats = g.K * g.ld;
+    g.tmp_floats = g.group > 1 ? (size_t)OC * g.ld : 0;
+    /* col, tmp (OC, ld), then dweight (OC, K), then dbias (OC); rounded to
+     * 16 floats so threads never share a cache line */
+    g.thread_floats = (g.col_floats + g.tmp_floats + g.K * OC + OC + 15) / 16 * 16;
     return g;
 }
 
@@ -36,13 +43,14 @@ size_t ada_conv2d_workspace_floats(int C, int H, int W, int OC, int k, int pad,
     return g.thread_floats * (size_t)num_threads;
 }
 
-/* col (K, OH OW): col[(c, ki, kj)][oh, ow] = inp[c][oh + ki - pad][ow + kj - pad], 0 outside */
-static void im2col(float *col, const float *inp, const conv_geom *g)
+/* col (K, ld): col[(c, ki, kj)][oh, ow] = inp[c][oh + ki - pad][ow + kj - pad], 0 outside;
+ * rows are `ld` floats apart so several images can sit side by side */
+static void im2col(float *col, size_t ld, const float *inp, const conv_geom *g)
 {
     for (int c = 0; c < g->C; c++)
         for (int ki = 0; ki < g->k; ki++)
             for (int kj = 0; kj < g->k; kj++) {
-                float *row = col + ((size_t)(c * g->k + ki) * g->k + kj) * g->OHW;
+                float *row = col + ((size_t)(c * g->k + ki) * g->k + kj) * ld;
                 int shift = kj - g->pad;
                 int ow_lo = shift < 0 ? -shift : 0;             /* first ow with iw >= 0 */
                 int ow_hi = g->W - shift < g->OW ? g->W - shift : g->OW; /* iw < W */
@@ -64,13 +72,13 @@ static void im2col(float *col, const float *inp, const conv_geom *g)
 
 /* the adjoint of im2col: dinp (overwritten) gathers every column entry that
  * read it */
-static void col2im(float *dinp, const float *col, const conv_geom *g)
+static void col2im(float *dinp, const float *col, size_t ld, const conv_geom *g)
 {
     memset(dinp, 0, sizeof(float) * (size_t)g->C * g->H * g->W);
     for (int c = 0; c < g->C; c++)
         for (int ki = 0; ki < g->k; ki++)
             for (int kj = 0; kj < g->k; kj++) {
-                const float *row = col + ((size_t)(c * g->k + ki) * g->k + kj) * g->OHW;
+                const float *row = col + ((size_t)(c * g->k + ki) * g->k + kj) * ld;
                 int shift = kj - g->pad;
                 int ow_lo = shift < 0 ? -shift : 0;
                 int ow_hi = g->W - shift < g->OW ? g->W - shift : g->OW;
@@ -84,40 +92,61 @@ static void col2im(float *dinp, const float *col, const conv_geom *g)
             }
 }
 
-/* out (N, OC, OH, OW) = weight (OC, K) @ col_n (K, OH OW) + bias, then ReLU
- * when `relu`: one GEMM per image, images split over threads. */
+static void bias_relu(float *dst, const float *src, const float *bias, int OC, size_t OHW,
+                      size_t src_ld, int relu)
+{
+    for (int oc = 0; oc < OC; oc++) {
+        const float *in = src + (size_t)oc * src_ld;
+        float *plane = dst + (size_t)oc * OHW;
+        float b = bias[oc];
+        if (relu) {
+            for (size_t i = 0; i < OHW; i++) {
+                float v = in[i] + b;
+                plane[i] = v > 0.0f ? v : 0.0f;
+            }
+        } else {
+            for (size_t i = 0; i < OHW; i++) plane[i] = in[i] + b;
+        }
+    }
+}
+
+/* out (N, OC, OH, OW) = weight (OC, K) @ col (K, group OH OW) + bias, then
+ * ReLU when `relu`: one GEMM per group of images, images split over threads
+ * in contiguous blocks. */
 void ada_conv2d_forward(float *out, float *workspace, const float *inp,
                         const float *weight, const float *bias,
                         int N, int C, int H, int W, int OC, int k, int pad, int relu)
 {
     conv_geom g = geometry(C, H, W, OC, k, pad);
     int threads = ada_get_num_threads();
+    if (threads > N) threads = N > 0 ? N : 1;
+    const int direct = k == 1 && pad == 0 && g.group == 1;  /* the input is its own im2col */
     #pragma omp parallel num_threads(threads)
     {
-        float *col = workspace + g.thread_floats * (size_t)omp_get_thread_num();
-        #pragma omp for schedule(static)
-        for (int n = 0; n < N; n++) {
+        int tid = omp_get_thread_num(), team = omp_get_num_threads();
+        float *col = workspace + g.thread_floats * (size_t)tid;
+        float *tmp = col + g.col_floats;
+        int block = (N + team - 1) / team;
+        int n0 = tid * block, n1 = n0 + block < N ? n0 + block : N;
+        for (int n = n0; n < n1; n += g.group) {
+            int count = n1 - n < g.group ? n1 - n : g.group;
+            size_t cols = (size_t)count * g.OHW;
             const float *x = inp + (size_t)n * C * H * W;
-            float *y = out + (size_t)n * OC * g.OHW;
-            const float *b_mat = x;
-            if (!(k == 1 && pad == 0)) {
-                im2col(col, x, &g);
-                b_mat = col;
+            if (count == 1) {
+                float *y = out + (size_t)n * OC * g.OHW;
+                if (!direct) im2col(col, g.OHW, x, &g);
+                ada_sgemm_serial(0, 0, OC, (int)g.OHW, (int)g.K, 1.0f, weight, (int)g.K,
+                                 direct ? x : col, (int)g.OHW, 0.0f, y, (int)g.OHW);
+                bias_relu(y, y, bias, OC, g.OHW, g.OHW, relu);
+                continue;
             }
-            ada_sgemm_serial(0, 0, OC, (int)g.OHW, (int)g.K, 1.0f, weight, (int)g.K,
-                             b_mat, (int)g.OHW, 0.0f, y, (int)g.OHW);
-            for (int oc = 0; oc < OC; oc++) {
-                float *plane = y + (size_t)oc * g.OHW;
-                float b = bias[oc];
-                if (relu) {
-                    for (size_t i = 0; i < g.OHW; i++) {
-                        float v = plane[i] + b;
-                        plane[i] = v > 0.0f ? v : 0.0f;
-                    }
-                } else {
-                    for (size_t i = 0; i < g.OHW; i++) plane[i] += b;
-                }
-            }
+            for (int j = 0; j < count; j++)
+                im2col(col + (size_t)j * g.OHW, cols, x + (size_t)j * C * H * W, &g);
+            ada_sgemm_serial(0, 0, OC, (int)cols, (int)g.K, 1.0f, weight, (int)g.K, col,
+                             (int)cols, 0.0f, tmp, (int)cols);
+            for (int j = 0; j < count; j++)
+                bias_relu(out + (size_t)(n + j) * OC * g.OHW, tmp + (size_t)j * g.OHW, bias, OC,
+                          g.OHW, cols, relu);
         }
     }
 }
@@ -134,58 +163,68 @@ void ada_conv2d_backward(float *dinp, float *dweight, float *dbias, float *works
     conv_geom g = geometry(C, H, W, OC, k, pad);
     int threads = ada_get_num_threads();
     if (threads > N) threads = N > 0 ? N : 1;
+    const int direct = k == 1 && pad == 0 && g.group == 1;
     #pragma omp parallel num_threads(threads)
     {
         int tid = omp_get_thread_num(), team = omp_get_num_threads();
         float *col = workspace + g.thread_floats * (size_t)tid;
-        float *dw = col + g.col_floats;
+        float *tmp = col + g.col_floats;
+        float *dw = tmp + g.tmp_floats;
         float *db = dw + g.K * OC;
         memset(dw, 0, sizeof(float) * (g.K * OC + OC));
-        /* the same static split as an explicit block, so each thread's images
-         * are contiguous and summed in order */
+        /* the forward's split: each thread's images are contiguous and summed
+         * in order, so the result does not depend on timing */
         int block = (N + team - 1) / team;
         int n0 = tid * block, n1 = n0 + block < N ? n0 + block : N;
-        for (int n = n0; n < n1; n++) {
+        for (int n = n0; n < n1; n += g.group) {
+            int count = n1 - n < g.group ? n1 - n : g.group;
+            size_t cols = (size_t)count * g.OHW;
+            /* dy of the group as one (OC, cols) matrix: in place for one image,
+             * gathered into tmp for several; masked by a fused ReLU */
+            float *dy = count == 1 ? dout + (size_t)n * OC * g.OHW : tmp;
+            for (int j = 0; j < count; j++) {
+                float *src = dout + (size_t)(n + j) * OC * g.OHW;
+                const float *y = out ? out + (size_t)(n + j) * OC * g.OHW : NULL;
+                for (int oc = 0; oc < OC; oc++) {
+                    float *s_row = src + (size_t)oc * g.OHW;
+                    float *d_row = dy + (size_t)oc * cols + (size_t)j * g.OHW;
+                    const float *y_row = y ? y + (size_t)oc * g.OHW : NULL;
+                    float acc = 0.0f;
+                    for (size_t i = 0; i < g.OHW; i++) {
+                        float v = y_row && !(y_row[i] > 0.0f) ? 0.0f : s_row[i];
+                        d_row[i] = v;
+                        acc += v;
+                    }
+                    db[oc] += acc;
+                }
+            }
             const float *x = inp + (size_t)n * C * H * W;
-            float *dy = dout + (size_t)n * OC * g.OHW;
-            if (out) {
-                const float *y = out + (size_t)n * OC * g.OHW;
-                for (size_t i = 0; i < (size_t)OC * g.OHW; i++)
-                    if (!(y[i] > 0.0f)) dy[i] = 0.0f;
-            }
-            for (int oc = 0; oc < OC; oc++) {
-                const float *plane = dy + (size_t)oc * g.OHW;
-                float acc = 0.0f;
-                for (size_t i = 0; i < g.OHW; i++) acc += plane[i];
-                db[oc] += acc;
-            }
-            const float *b_mat = x;
-            if (!(k == 1 && pad == 0)) {
-                im2col(col, x, &g);
-                b_mat = col;
-            }
-            ada_sgemm_serial(0, 1, OC, (int)g.K, (int)g.OHW, 1.0f, dy, (int)g.OHW,
-                             b_mat, (int)g.OHW, 1.0f, dw, (int)g.K);
+            if (!direct)
+                for (int j = 0; j < count; j++)
+                    im2col(col + (size_t)j * g.OHW, cols, x + (size_t)j * C * H * W, &g);
+            ada_sgemm_serial(0, 1, OC, (int)g.K, (int)cols, 1.0f, dy, (int)cols,
+                             direct ? x : col, (int)cols, 1.0f, dw, (int)g.K);
             if (dinp) {
                 float *dx = dinp + (size_t)n * C * H * W;
-                if (k == 1 && pad == 0) {
-                    ada_sgemm_serial(1, 0, (int)g.K, (int)g.OHW, OC, 1.0f, weight, (int)g.K,
-                                     dy, (int)g.OHW, 0.0f, dx, (int)g.OHW);
+                if (direct) {
+                    ada_sgemm_serial(1, 0, (int)g.K, (int)cols, OC, 1.0f, weight, (int)g.K,
+                                     dy, (int)cols, 0.0f, dx, (int)cols);
                 } else {
-                    ada_sgemm_serial(1, 0, (int)g.K, (int)g.OHW, OC, 1.0f, weight, (int)g.K,
-                                     dy, (int)g.OHW, 0.0f, col, (int)g.OHW);
-                    col2im(dx, col, &g);
+                    ada_sgemm_serial(1, 0, (int)g.K, (int)cols, OC, 1.0f, weight, (int)g.K,
+                                     dy, (int)cols, 0.0f, col, (int)cols);
+                    for (int j = 0; j < count; j++)
+                        col2im(dx + (size_t)j * C * H * W, col + (size_t)j * g.OHW, cols, &g);
                 }
             }
         }
         #pragma omp barrier
         /* reduce the private accumulators in thread order, split by element */
-        size_t total = g.K * OC + OC;
+        size_t total = g.K * OC + OC, priv = g.col_floats + g.tmp_floats;
         #pragma omp for schedule(static)
         for (size_t i = 0; i < total; i++) {
             float acc = 0.0f;
             for (int t = 0; t < team; t++)
-                acc += (workspace + g.thread_floats * (size_t)t + g.col_floats)[i];
+                acc += (workspace + g.thread_floats * (size_t)t + priv)[i];
             if (i < g.K * OC) dweight[i] += acc;
             else dbias[i - g.K * OC] += acc;
         }

@@ -1,4 +1,6 @@
-"""Figures render with the expected axes, labels and markers; the CLI end to end."""
+"""Figures render with the expected axes, labels and markers; the CLI end to end.
+Subprocesses run outside the project root, so `python -m` imports the installed
+adaloss, not the source tree."""
 import json
 import subprocess
 import sys
@@ -58,7 +60,7 @@ def test_cli_reproduce_end_to_end(tmp_path, shared_data):
     cmd = [sys.executable, "-m", "adaloss", "reproduce", "--dataset", "mnist", "--preset",
            "report", "--epochs", "1", "--subset", "512", "--data-root", str(shared_data),
            "--out", str(out), "--no-progress", "--threads", "2"]
-    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert run.returncode == 0, run.stderr
     assert "| arcface |" in run.stdout and "97.86" in run.stdout and "99.11" in run.stdout
     results = json.loads((out / "results.json").read_text())
@@ -68,19 +70,19 @@ def test_cli_reproduce_end_to_end(tmp_path, shared_data):
     for name in ("comparison", "samples", "margins", "loss_arcface", "loss_adaface"):
         assert (out / f"{name}.png").stat().st_size > 1000
     before = (out / "results.json").read_bytes()
-    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert again.returncode == 2 and "--force" in again.stderr
     assert (out / "results.json").read_bytes() == before   # never overwritten
 
 
-def test_cli_help_documents_every_option():
+def test_cli_help_documents_every_option(tmp_path):
     text = cli.parser()._subparsers._group_actions[0].choices["reproduce"].format_help()
     for opt in ("--dataset", "--preset", "--epochs", "--seeds", "--data-root", "--out",
                 "--threads", "--force", "--subset"):
         assert opt in text
     run = subprocess.run([sys.executable, "-m", "adaloss", "reproduce", "--dataset", "svhn"],
-                         capture_output=True, text=True)
+                         capture_output=True, text=True, cwd=tmp_path)
     assert run.returncode == 2 and "invalid choice" in run.stderr
     run = subprocess.run([sys.executable, "-m", "adaloss", "reproduce", "--dataset", "mnist",
-                          "--epochs", "0"], capture_output=True, text=True)
+                          "--epochs", "0"], capture_output=True, text=True, cwd=tmp_path)
     assert run.returncode == 2 and "positive integer" in run.stderr

@@ -171,7 +171,7 @@ print("returned", hist.interrupted, len(hist.epochs), round(time.time() - t0, 1)
 
 def test_ctrl_c_returns_history_and_keeps_checkpoint(tmp_path):
     proc = subprocess.Popen([sys.executable, "-c", SIGINT_SCRIPT, str(tmp_path)],
-                            stdout=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, text=True, cwd=tmp_path)
     assert proc.stdout.readline().strip() == "ready"
     assert proc.stdout.readline().startswith("epoch 1")   # a checkpoint exists now
     saved = (tmp_path / "latest.ckpt").read_bytes()
