@@ -1,0 +1,259 @@
+"""The multi-seed study: preset x head x data set x seed, in parallel processes
+or on a Dask cluster, resumable, with a statistical summary.
+
+    adaloss study --datasets mnist,cifar10 --presets report,paper,fair \\
+                  --seeds mnist=5,cifar10=3 --out benchmarks/study
+
+Each finished run is one small JSON file in ``<out>/runs/`` (never weights);
+runs already there are skipped, so an interrupted study resumes where it
+stopped. ``<out>/summary.json`` and ``<out>/summary.md`` hold per cell the mean,
+standard deviation and 95 % confidence interval over seeds, and paired
+comparisons between heads that share seeds (hence initial networks, for the
+fair preset): the mean difference, its 95 % CI and an exact Wilcoxon
+signed-rank p-value.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import multiprocessing
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__
+
+__all__ = ["study", "plan", "summarize", "wilcoxon_signed_rank", "t_quantile_975"]
+
+# two-sided 95 % quantiles of Student's t, df 1..30 (then the normal's 1.96)
+_T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
+         2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064,
+         2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
+
+
+def t_quantile_975(df: int) -> float:
+    return _T975[df - 1] if 1 <= df <= 30 else 1.96
+
+
+def wilcoxon_signed_rank(diffs) -> float:
+    """Exact two-sided p-value of the Wilcoxon signed-rank test (zeros dropped,
+    ties given average ranks; exact enumeration, fine up to ~20 pairs)."""
+    d = np.asarray([x for x in diffs if x != 0], float)
+    n = len(d)
+    if n == 0:
+        return 1.0
+    order = np.argsort(np.abs(d))
+    ranks = np.empty(n)
+    absd = np.abs(d)[order]
+    i = 0
+    while i < n:  # average ranks over ties
+        j = i
+        while j + 1 < n and absd[j + 1] == absd[i]:
+            j += 1
+        ranks[order[i:j + 1]] = (i + j) / 2 + 1
+        i = j + 1
+    w_plus = ranks[d > 0].sum()
+    total = ranks.sum()
+    observed = min(w_plus, total - w_plus)
+    if n > 20:  # normal approximation
+        mu, sigma = total / 2, math.sqrt(n * (n + 1) * (2 * n + 1) / 24)
+        z = (observed - mu) / sigma
+        return min(1.0, 2 * 0.5 * math.erfc(-z / math.sqrt(2)))
+    count = 0
+    for signs in itertools.product((0, 1), repeat=n):
+        w = sum(r for r, s in zip(ranks, signs) if s)
+        if min(w, total - w) <= observed + 1e-9:
+            count += 1
+    return count / 2 ** n
+
+
+def _mean_ci(values) -> dict:
+    v = np.asarray(values, float)
+    n = len(v)
+    std = float(v.std(ddof=1)) if n > 1 else 0.0
+    half = t_quantile_975(n - 1) * std / math.sqrt(n) if n > 1 else float("nan")
+    return {"n": n, "mean": float(v.mean()), "std": std,
+            "ci95": [float(v.mean() - half), float(v.mean() + half)]}
+
+
+def plan(datasets, presets_, seeds: dict, epochs=None) -> list:
+    """(run id, config, seed) of every run in the grid."""
+    from . import presets
+
+    tasks = []
+    for dataset in datasets:
+        for preset in presets_:
+            for config in presets.runs(dataset, preset, epochs):
+                for seed in range(seeds[dataset]):
+                    tasks.append((f"{config.name}-seed{seed}", config, seed))
+    return tasks
+
+
+_DATA_CACHE: dict = {}
+
+
+def _load(dataset: str, data_root, subset):
+    from . import datasets
+
+    key = (dataset, str(data_root), subset)
+    if key not in _DATA_CACHE:
+        data = (datasets.load_mnist(data_root) if dataset == "mnist"
+                else datasets.load_cifar10(data_root))
+        if subset:
+            data = datasets.subset(data, subset, max(10, subset // 5))
+        _DATA_CACHE.clear()
+        _DATA_CACHE[key] = data
+    return _DATA_CACHE[key]
+
+
+def run_task(config_dict: dict, seed: int, data_root, subset, threads: int) -> dict:
+    """One run, in a worker process (or a Dask worker): returns its record."""
+    from . import cli, presets, set_num_threads
+
+    set_num_threads(threads)
+    config = presets.RunConfig(**config_dict)
+    config.layers = [tuple(layer) for layer in config.layers]
+    data = _load(config.dataset, data_root, subset)
+    record = cli.run_one(config, seed, data, progress=False)
+    record.update(dataset=config.dataset, preset=config.preset, threads=threads,
+                  subset=subset, adaloss_version=__version__)
+    return record
+
+
+def _write(path: Path, record: dict) -> None:
+    from .checkpoint import atomic_write
+
+    atomic_write(path, json.dumps(record, indent=1).encode())
+
+
+def study(datasets=("mnist",), presets=("report", "paper", "fair"), seeds=None, out="study",
+          epochs=None, subset=None, data_root=None, workers=None, threads_per_worker=1,
+          scheduler=None, max_runs=None, progress=True) -> dict:
+    """Run the grid (skipping finished runs) and write the summary; returns it.
+
+    `seeds` is an int or {dataset: n}. `workers` defaults to the number of cores
+    divided by `threads_per_worker`. `scheduler` is a Dask distributed address
+    (or a dask Client) to send the runs to instead of local processes.
+    `max_runs` stops after that many new runs (the rest wait for a resume)."""
+    datasets, presets = list(datasets), list(presets)
+    if seeds is None:
+        seeds = {"mnist": 5, "cifar10": 3}
+    if isinstance(seeds, int):
+        seeds = {d: seeds for d in datasets}
+    missing = [d for d in datasets if d not in seeds]
+    if missing:
+        raise ValueError(f"seeds: no seed count for {missing}")
+    if not isinstance(threads_per_worker, int) or threads_per_worker < 1:
+        raise ValueError(f"threads_per_worker: expected a positive int, got {threads_per_worker!r}")
+    out = Path(out)
+    runs_dir = out / "runs"
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    tasks = plan(datasets, presets, seeds, epochs)
+    todo = [t for t in tasks if not (runs_dir / f"{t[0]}.json").exists()]
+    if max_runs is not None:
+        todo = todo[:max_runs]
+    if progress:
+        print(f"study: {len(tasks)} runs, {len(tasks) - len(todo)} already done, {len(todo)} to run",
+              flush=True)
+    args = [(rid, (c.to_dict(), seed, str(data_root) if data_root else None, subset,
+                   threads_per_worker)) for rid, c, seed in todo]
+    if scheduler is not None:
+        _run_dask(scheduler, args, runs_dir, progress)
+    elif todo:
+        workers = workers or max(1, (os.cpu_count() or 1) // threads_per_worker)
+        ctx = multiprocessing.get_context("spawn")  # OpenMP state does not survive fork
+        with ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=ctx) as pool:
+            futures = {pool.submit(run_task, *a): rid for rid, a in args}
+            for fut in as_completed(futures):
+                rid = futures[fut]
+                _write(runs_dir / f"{rid}.json", fut.result())
+                if progress:
+                    print(f"  done {rid}", flush=True)
+    summary = summarize(out)
+    summary["command_hint"] = ("adaloss study --datasets " + ",".join(datasets) + " --presets "
+                               + ",".join(presets) + " --seeds "
+                               + ",".join(f"{d}={seeds[d]}" for d in datasets))
+    _write(out / "summary.json", summary)
+    (out / "summary.md").write_text(summary["table"] + "\n")
+    return summary
+
+
+def _run_dask(scheduler, args, runs_dir: Path, progress: bool) -> None:
+    try:
+        from dask.distributed import Client, as_completed as dask_completed
+    except ImportError as exc:
+        raise ImportError("--scheduler needs Dask: pip install 'dask[distributed]'") from exc
+    client = scheduler if isinstance(scheduler, Client) else Client(scheduler)
+    try:
+        futures = {client.submit(run_task, *a, key=f"adaloss-{rid}", pure=False): rid
+                   for rid, a in args}
+        for fut in dask_completed(list(futures)):
+            rid = futures[fut]
+            _write(runs_dir / f"{rid}.json", fut.result())
+            if progress:
+                print(f"  done {rid}", flush=True)
+    finally:
+        if client is not scheduler:
+            client.close()
+
+
+def summarize(out) -> dict:
+    """Cells (mean, std, CI), paired comparisons and CPU time of a study folder."""
+    from .presets import REPORT_ACCURACY
+
+    runs = [json.loads(p.read_text()) for p in sorted((Path(out) / "runs").glob("*.json"))]
+    cells: dict = {}
+    for r in runs:
+        cells.setdefault((r["dataset"], r["preset"], r["head"]), []).append(r)
+    cell_rows, pairs = [], []
+    for (dataset, preset, head), rs in sorted(cells.items()):
+        rs = sorted(rs, key=lambda r: r["seed"])
+        stats = _mean_ci([100 * r["test_accuracy"] for r in rs])
+        stats.update(dataset=dataset, preset=preset, head=head, seeds=[r["seed"] for r in rs],
+                     accuracies=[100 * r["test_accuracy"] for r in rs],
+                     margin_free_mean=float(np.mean([100 * r["test_accuracy_plain"] for r in rs])),
+                     report=REPORT_ACCURACY.get((dataset, head)) if preset == "report" else None)
+        cell_rows.append(stats)
+    groups: dict = {}
+    for c in cell_rows:
+        groups.setdefault((c["dataset"], c["preset"]), []).append(c)
+    for (dataset, preset), cs in groups.items():
+        for a, b in itertools.combinations(cs, 2):
+            common = sorted(set(a["seeds"]) & set(b["seeds"]))
+            if not common:
+                continue
+            acc_a = dict(zip(a["seeds"], a["accuracies"]))
+            acc_b = dict(zip(b["seeds"], b["accuracies"]))
+            diffs = [acc_a[s] - acc_b[s] for s in common]
+            stats = _mean_ci(diffs)
+            pairs.append({"dataset": dataset, "preset": preset, "a": a["head"], "b": b["head"],
+                          "n": len(common), "mean_diff": stats["mean"], "ci95": stats["ci95"],
+                          "wilcoxon_p": wilcoxon_signed_rank(diffs)})
+    cpu_seconds = sum(r["wall_seconds"] * r.get("threads", 1) for r in runs)
+    return {"adaloss_version": __version__, "created": time.strftime("%Y-%m-%d %H:%M"),
+            "cells": cell_rows, "pairs": pairs, "runs": len(runs),
+            "cpu_hours": cpu_seconds / 3600, "table": _table(cell_rows, pairs, cpu_seconds)}
+
+
+def _fmt_ci(ci) -> str:
+    return "–" if any(math.isnan(v) for v in ci) else f"[{ci[0]:.2f}, {ci[1]:.2f}]"
+
+
+def _table(cells, pairs, cpu_seconds) -> str:
+    lines = ["| data set | preset | head | seeds | accuracy % mean ± std | 95 % CI | margin-free % "
+             "| report % |", "|---|---|---|---|---|---|---|---|"]
+    for c in cells:
+        lines.append(f"| {c['dataset']} | {c['preset']} | {c['head']} | {c['n']} | "
+                     f"{c['mean']:.2f} ± {c['std']:.2f} | {_fmt_ci(c['ci95'])} | "
+                     f"{c['margin_free_mean']:.2f} | {c['report'] if c['report'] else '–'} |")
+    lines += ["", "| data set | preset | A − B | pairs | mean difference (points) | 95 % CI | "
+              "Wilcoxon p |", "|---|---|---|---|---|---|---|"]
+    for p in pairs:
+        lines.append(f"| {p['dataset']} | {p['preset']} | {p['a']} − {p['b']} | {p['n']} | "
+                     f"{p['mean_diff']:+.2f} | {_fmt_ci(p['ci95'])} | {p['wilcoxon_p']:.3f} |")
+    lines += ["", f"CPU time of the grid: {cpu_seconds / 3600:.2f} CPU-hours (wall time x threads)."]
+    return "\n".join(lines)

@@ -1,0 +1,50 @@
+"""A tiny study end to end: parallel workers, resume after an interruption,
+the same summary; the statistics; a Dask LocalCluster."""
+import json
+import math
+
+import numpy as np
+import pytest
+
+from adaloss import study
+
+
+def test_wilcoxon_and_t():
+    # exact small-sample values (scipy.stats.wilcoxon, two-sided, exact)
+    assert study.wilcoxon_signed_rank([1, 2, 3, 4, 5]) == pytest.approx(0.0625)
+    assert study.wilcoxon_signed_rank([1, -2, 3, -4, 5]) == pytest.approx(0.8125)
+    assert study.wilcoxon_signed_rank([0, 0]) == 1.0
+    assert study.t_quantile_975(4) == 2.776 and study.t_quantile_975(100) == 1.96
+
+
+def test_tiny_study_resumes_to_the_same_summary(tmp_path, shared_data):
+    kwargs = dict(datasets=["mnist"], presets=["fair"], seeds=2, epochs=1, subset=256,
+                  data_root=shared_data, workers=2, progress=False)
+    straight = study.study(out=tmp_path / "a", **kwargs)
+    assert straight["runs"] == 8 and len(straight["cells"]) == 4
+    # interrupted after 3 runs, then resumed
+    partial = study.study(out=tmp_path / "b", max_runs=3, **kwargs)
+    assert partial["runs"] == 3
+    resumed = study.study(out=tmp_path / "b", **kwargs)
+    assert resumed["runs"] == 8
+    for a, b in zip(straight["cells"], resumed["cells"]):
+        assert a["accuracies"] == b["accuracies"] and a["head"] == b["head"]
+    assert [p["mean_diff"] for p in straight["pairs"]] == [p["mean_diff"] for p in resumed["pairs"]]
+    assert len(straight["pairs"]) == 6                 # 4 heads, all pairs, seeds shared
+    cell = straight["cells"][0]
+    assert cell["n"] == 2 and cell["ci95"][0] <= cell["mean"] <= cell["ci95"][1]
+    run = json.loads(next((tmp_path / "a" / "runs").glob("*.json")).read_text())
+    assert run["history"]["epochs"] == [1] and run["subset"] == 256
+    assert (tmp_path / "a" / "summary.md").read_text().startswith("| data set |")
+    assert straight["cpu_hours"] > 0
+
+
+def test_study_on_a_dask_local_cluster(tmp_path, shared_data):
+    distributed = pytest.importorskip("dask.distributed")
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                  dashboard_address=None) as cluster:
+        summary = study.study(datasets=["mnist"], presets=["report"], seeds=1, epochs=1,
+                              subset=128, data_root=shared_data, out=tmp_path / "d",
+                              scheduler=cluster.scheduler_address, progress=False)
+    assert summary["runs"] == 2
+    assert all(0 <= c["mean"] <= 100 for c in summary["cells"])
