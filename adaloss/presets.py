@@ -102,7 +102,9 @@ def runs(dataset: str, preset: str, epochs: int | None = None) -> list[RunConfig
                       kaiming_linear=True) for head, kwargs in heads.items()]
 
 
-def build_net(layers: list, input_shape: tuple, kaiming_linear: bool = False) -> nn.Sequential:
+def build_net(layers: list, input_shape: tuple | None = None,
+              kaiming_linear: bool = False) -> nn.Sequential:
+    """A Sequential from a layer list ("conv", in, out) ... (3x3 convolutions, padding 1)."""
     made = []
     for spec in layers:
         kind = spec[0]

@@ -91,6 +91,17 @@ void ada_head_zero_grad(ada_head *head)
     memset(head->weight_grad, 0, sizeof(float) * head->num_classes * head->embedding_dim);
 }
 
+static int labels_valid(ada_head *head, const int64_t *labels, int N)
+{
+    for (int n = 0; n < N; n++)
+        if (labels[n] < 0 || labels[n] >= head->num_classes) {
+            snprintf(head->err, ADA_ERRLEN, "label %lld at index %d is outside [0, %d)",
+                     (long long)labels[n], n, head->num_classes);
+            return 0;
+        }
+    return 1;
+}
+
 /* rows of x (rows, D) to y = x / max(||x||, 1e-12), with norms */
 static void normalize_rows(float *y, float *norms, const float *x, int rows, int D)
 {
@@ -242,12 +253,7 @@ ada_status ada_head_forward(ada_head *head, float *loss, const float *emb,
 {
     int C = head->num_classes;
     if (N < 1) { set_err(head, "batch size must be at least 1"); return ADA_EINVAL; }
-    for (int n = 0; n < N; n++)
-        if (labels[n] < 0 || labels[n] >= C) {
-            snprintf(head->err, ADA_ERRLEN, "label %lld at index %d is outside [0, %d)",
-                     (long long)labels[n], n, C);
-            return ADA_EINVAL;
-        }
+    if (!labels_valid(head, labels, N)) return ADA_EINVAL;
     ada_status st = ada_head_reserve(head, N);
     if (st != ADA_OK) return st;
     cosines(head, emb, N);
@@ -337,12 +343,7 @@ ada_status ada_head_logits(ada_head *head, float *logits, const float *emb,
             return ADA_EINVAL;
         }
     }
-    for (int n = 0; labels && n < N; n++)
-        if (labels[n] < 0 || labels[n] >= C) {
-            snprintf(head->err, ADA_ERRLEN, "label %lld at index %d is outside [0, %d)",
-                     (long long)labels[n], n, C);
-            return ADA_EINVAL;
-        }
+    if (labels && !labels_valid(head, labels, N)) return ADA_EINVAL;
     ada_status st = ada_head_reserve(head, N);
     if (st != ADA_OK) return st;
     cosines(head, emb, N);

@@ -207,18 +207,16 @@ def L2Norm(torch):
 
 
 def adaloss_net(adaloss, layers, input_shape=None):
-    made = []
-    for spec in layers:
-        if spec[0] == "conv":
-            made.append(adaloss.Conv2d(spec[1], spec[2], 3, padding=1))
-        elif spec[0] == "linear":
-            made.append(adaloss.Linear(spec[1], spec[2]))
-        elif spec[0] == "relu":
-            made.append(adaloss.ReLU())
-        elif spec[0] == "pool":
-            made.append(adaloss.MaxPool2d(2))
-        elif spec[0] == "flatten":
-            made.append(adaloss.Flatten())
-        elif spec[0] == "l2norm":
-            made.append(adaloss.L2Normalize())
-    return adaloss.Sequential(made, input_shape=input_shape)
+    from adaloss.presets import build_net
+
+    return build_net(layers, input_shape)
+
+
+def make_head(adaloss, kind, variant, num_classes, dim, s, m, h=0.333):
+    if kind == "softmax":
+        return adaloss.Softmax(num_classes, dim)
+    if kind == "cosface":
+        return adaloss.CosFace(num_classes, dim, s=s, m=m)
+    if kind == "arcface":
+        return adaloss.ArcFace(num_classes, dim, s=s, m=m, variant=variant)
+    return adaloss.AdaFace(num_classes, dim, s=s, m=m, h=h, variant=variant)

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 import adaloss
-from reference import REPORT_NETS, adaloss_net, rel_err, torch_head_loss, torch_net
+from reference import (make_head as _make_head, REPORT_NETS, adaloss_net, rel_err, torch_head_loss,
+                       torch_net)
 
 FWD, GRAD = 1e-4, 1e-3
 
@@ -99,15 +100,6 @@ HEAD_CASES = [("softmax", "paper", 1.0, 0.0), ("cosface", "paper", 64.0, 0.4),
               ("arcface", "report", 10.0, 0.5), ("adaface", "paper", 64.0, 0.4),
               ("adaface", "report", 64.0, 0.4)]
 
-
-def make_head(kind, variant, c, d, s, m, h=0.333):
-    if kind == "softmax":
-        return adaloss.Softmax(c, d)
-    if kind == "cosface":
-        return adaloss.CosFace(c, d, s=s, m=m)
-    if kind == "arcface":
-        return adaloss.ArcFace(c, d, s=s, m=m, variant=variant)
-    return adaloss.AdaFace(c, d, s=s, m=m, h=h, variant=variant)
 
 
 @pytest.mark.parametrize("kind,variant,s,m", HEAD_CASES)
@@ -383,3 +375,7 @@ def test_determinism(num_threads, threads):
         finals.append({**net.state_dict(), "head": head.weight.copy()})
     for k in finals[0]:
         np.testing.assert_array_equal(finals[0][k], finals[1][k], err_msg=k)
+
+
+def make_head(kind, variant, num_classes, dim, s, m, h=0.333):
+    return _make_head(adaloss, kind, variant, num_classes, dim, s, m, h)
