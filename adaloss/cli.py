@@ -124,7 +124,8 @@ def run_one(config, seed: int, data, progress: bool = True, batch_size: int | No
                             data.test_labels[sample], rule=config.eval_rule)
     return {
         "name": config.name, "head": config.head, "seed": seed, "config": config.to_dict(),
-        "history": history.to_dict(),
+        # per-epoch records only: the per-step losses would make each file ~100x larger
+        "history": {k: v for k, v in history.to_dict().items() if k != "step_losses"},
         "test_accuracy": history.test_accuracy[-1] if history.test_accuracy else None,
         "test_accuracy_plain": (history.test_accuracy_plain[-1]
                                 if history.test_accuracy_plain else None),
