@@ -64,6 +64,7 @@ def comparison(curves: dict, title: str = "AdaLoss vs ArcFace") -> Figure:
             ax.annotate(f"({epochs[idx]}, {losses[idx]:.4f})", (epochs[idx], losses[idx]),
                         textcoords="offset points", xytext=(6, -10 if va == "top" else 6),
                         fontsize=8, color=color)
+    ax.margins(x=0.14, y=0.08)  # room for the (epoch, loss) labels
     ax.set_xlabel("epoch")
     ax.set_ylabel("training loss")
     ax.set_title(title)
