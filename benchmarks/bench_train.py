@@ -158,25 +158,56 @@ def measure(pair: Pair, batch: int, repeats: int, steps: int) -> dict:
 
 
 RSS_SCRIPT = r"""
-import resource, sys, numpy as np
+import sys, numpy as np
 sys.path.insert(0, sys.argv[3])
-import adaloss, torch
-from bench_train import Pair
-torch.set_num_threads(2); adaloss.set_num_threads(2)
-pair = Pair(torch, sys.argv[1], 256)
-fn = pair.ours_train if sys.argv[2] == "adaloss" else pair.torch_train
-for _ in range(5):
-    fn()
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+from reference import REPORT_NETS, adaloss_net, torch_head_loss, torch_net
+
+
+def hwm_mib():  # VmHWM is per address space, fresh after exec (ru_maxrss is not)
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM"):
+            return int(line.split()[1]) / 1024
+
+
+name, which = sys.argv[1], sys.argv[2]
+channels, size, layers = REPORT_NETS[name]
+rng = np.random.default_rng(1)
+x = rng.integers(0, 256, (256, channels, size, size), dtype=np.uint8)
+y = rng.integers(0, 10, 256)
+if which == "adaloss":
+    import adaloss
+    adaloss.set_num_threads(2)
+    net = adaloss_net(adaloss, layers)
+    head = adaloss.ArcFace(10, 128, variant="report")
+    trainer = adaloss.Trainer(net, head, adaloss.Adam(net.parameters()))
+    before = hwm_mib()
+    for _ in range(5):
+        trainer.step(x, y)
+else:
+    import torch
+    torch.set_num_threads(2)
+    tnet = torch_net(torch, layers)
+    weight = torch.randn(10, 128) * 0.1
+    opt = torch.optim.Adam(tnet.parameters())
+    before = hwm_mib()
+    for _ in range(5):
+        opt.zero_grad(set_to_none=True)
+        xt = (torch.from_numpy(x).float() / 255 - 0.5) / 0.5
+        torch_head_loss(torch, "arcface", "report", tnet(xt), weight, torch.from_numpy(y),
+                        10.0, 0.5).backward()
+        opt.step()
+print(before, hwm_mib())
 """
 
 
-def peak_rss(name: str, which: str) -> float:
-    """Peak RSS (MiB) of a process that builds the pair and trains 5 steps at
-    batch 256 with one library; both libraries are imported in each."""
-    out = subprocess.run([sys.executable, "-c", RSS_SCRIPT, name, which, str(HERE)],
-                         capture_output=True, text=True, check=True)
-    return int(out.stdout.split()[-1]) / 1024
+def peak_rss(name: str, which: str) -> dict:
+    """Peak RSS (MiB, VmHWM) of a fresh process that imports one library, builds
+    the network and trains 5 steps at batch 256; and the part the training
+    added over the imports and the model."""
+    out = subprocess.run([sys.executable, "-c", RSS_SCRIPT, name, which,
+                          str(HERE.parent / "tests")], capture_output=True, text=True, check=True)
+    before, peak = map(float, out.stdout.split()[-2:])
+    return {"peak": peak, "training": peak - before}
 
 
 def mnist_epoch(torch, threads: int) -> dict:
@@ -219,12 +250,25 @@ def main() -> int:
     p.add_argument("--no-rss", action="store_true")
     p.add_argument("--epoch", action="store_true", help="also time a full MNIST epoch")
     p.add_argument("--out", default=None)
+    p.add_argument("--rss-only", action="store_true", help="only the peak-memory comparison, "
+                   "merged into the latest results file of this host")
     args = p.parse_args()
     if args.quick:
         args.repeats, args.steps = 3, 3
     import torch
 
     nets = args.nets.split(",")
+    default_out = HERE / "results" / f"{time.strftime('%Y-%m-%d')}-{socket.gethostname()}.json"
+    if args.rss_only:
+        out = Path(args.out or default_out)
+        results = json.loads(out.read_text())
+        results["peak_rss_mib_batch256"] = {
+            name: {"adaloss": peak_rss(name, "adaloss"), "torch": peak_rss(name, "torch")}
+            for name in nets}
+        results["table"] = markdown(results)
+        out.write_text(json.dumps(results, indent=1))
+        print(results["table"])
+        return 0
     results = {"date": time.strftime("%Y-%m-%d %H:%M"), "host": socket.gethostname(),
                "cpu": platform.processor() or platform.machine(), "adaloss": adaloss.__version__,
                "torch": torch.__version__, "repeats": args.repeats, "steps": args.steps,
@@ -252,7 +296,7 @@ def main() -> int:
         results["mnist_epoch_seconds"] = mnist_epoch(torch, 2)
     table = markdown(results)
     results["table"] = table
-    out = Path(args.out or HERE / "results" / f"{time.strftime('%Y-%m-%d')}-{socket.gethostname()}.json")
+    out = Path(args.out or default_out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
     tmp.write_text(json.dumps(results, indent=1))
@@ -282,10 +326,15 @@ def markdown(results: dict) -> str:
         for k, v in results["sgemm_peak_gflops"].items()))
     if "peak_rss_mib_batch256" in results:
         lines.append("")
-        lines.append("| network | peak RSS adaloss (MiB) | peak RSS PyTorch (MiB) |")
+        lines.append("Peak RSS at batch 256, 2 threads, 5 training steps, each library alone in a "
+                     "fresh process (MiB; in brackets what training added over imports and model):")
+        lines.append("")
+        lines.append("| network | adaloss | PyTorch |")
         lines.append("|---|---|---|")
         for name, v in results["peak_rss_mib_batch256"].items():
-            lines.append(f"| {name} | {v['adaloss']:.0f} | {v['torch']:.0f} |")
+            a, t = v["adaloss"], v["torch"]
+            lines.append(f"| {name} | {a['peak']:.0f} (+{a['training']:.0f}) | "
+                         f"{t['peak']:.0f} (+{t['training']:.0f}) |")
     if "mnist_epoch_seconds" in results:
         e = results["mnist_epoch_seconds"]
         lines.append("")

@@ -72,7 +72,8 @@ static void im2col(float *col, size_t ld, const float *inp, const conv_geom *g)
 
 /* the adjoint of im2col: dinp (overwritten) gathers every column entry that
  * read it */
-static void col2im(float *dinp, const float *col, size_t ld, const conv_geom *g)
+static void col2im(float *restrict dinp, const float *restrict col, size_t ld,
+                   const conv_geom *g)
 {
     memset(dinp, 0, sizeof(float) * (size_t)g->C * g->H * g->W);
     for (int c = 0; c < g->C; c++)
@@ -85,11 +86,29 @@ static void col2im(float *dinp, const float *col, size_t ld, const conv_geom *g)
                 for (int oh = 0; oh < g->OH; oh++) {
                     int ih = oh + ki - g->pad;
                     if (ih < 0 || ih >= g->H) continue;
-                    float *dst = dinp + ((size_t)c * g->H + ih) * g->W + shift;
-                    const float *src = row + (size_t)oh * g->OW;
+                    float *restrict dst = dinp + ((size_t)c * g->H + ih) * g->W + shift;
+                    const float *restrict src = row + (size_t)oh * g->OW;
                     for (int ow = ow_lo; ow < ow_hi; ow++) dst[ow] += src[ow];
                 }
             }
+}
+
+/* dst = src where relu_out > 0, else 0 (d relu / dx); dst may be src */
+static void mask_copy(float *dst, const float *src, const float *relu_out, size_t n)
+{
+    for (size_t i = 0; i < n; i++) dst[i] = relu_out[i] > 0.0f ? src[i] : 0.0f;
+}
+
+/* a sum in a fixed order the compiler can vectorise: 8 running partial sums */
+static float sum8(const float *x, size_t n)
+{
+    float part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int l = 0; l < 8; l++) part[l] += x[i + l];
+    float acc = ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
+    for (; i < n; i++) acc += x[i];
+    return acc;
 }
 
 static void bias_relu(float *dst, const float *src, const float *bias, int OC, size_t OHW,
@@ -186,16 +205,13 @@ void ada_conv2d_backward(float *dinp, float *dweight, float *dbias, float *works
                 float *src = dout + (size_t)(n + j) * OC * g.OHW;
                 const float *y = out ? out + (size_t)(n + j) * OC * g.OHW : NULL;
                 for (int oc = 0; oc < OC; oc++) {
-                    float *s_row = src + (size_t)oc * g.OHW;
+                    const float *s_row = src + (size_t)oc * g.OHW;
                     float *d_row = dy + (size_t)oc * cols + (size_t)j * g.OHW;
-                    const float *y_row = y ? y + (size_t)oc * g.OHW : NULL;
-                    float acc = 0.0f;
-                    for (size_t i = 0; i < g.OHW; i++) {
-                        float v = y_row && !(y_row[i] > 0.0f) ? 0.0f : s_row[i];
-                        d_row[i] = v;
-                        acc += v;
-                    }
-                    db[oc] += acc;
+                    if (y)
+                        mask_copy(d_row, s_row, y + (size_t)oc * g.OHW, g.OHW);
+                    else if (d_row != s_row)
+                        memcpy(d_row, s_row, sizeof(float) * g.OHW);
+                    db[oc] += sum8(d_row, g.OHW);
                 }
             }
             const float *x = inp + (size_t)n * C * H * W;

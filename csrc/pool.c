@@ -19,12 +19,15 @@ void ada_maxpool2d_forward(float *out, uint8_t *argmax, const float *inp,
         for (int oh = 0; oh < OH; oh++) {
             const float *r0 = x + (size_t)(2 * oh) * W, *r1 = r0 + W;
             for (int ow = 0; ow < OW; ow++) {
-                float v[4] = { r0[2 * ow], r0[2 * ow + 1], r1[2 * ow], r1[2 * ow + 1] };
-                int best = 0;
-                for (int i = 1; i < 4; i++)
-                    if (v[i] > v[best] || (v[i] != v[i] && v[best] == v[best])) best = i;
-                y[oh * OW + ow] = v[best];
-                if (am) am[oh * OW + ow] = (uint8_t)best;
+                float a = r0[2 * ow], b = r0[2 * ow + 1], c = r1[2 * ow], d = r1[2 * ow + 1];
+                /* strict > keeps the first maximum; a NaN wins (PyTorch's rule) */
+                float best = a;
+                int idx = 0;
+                if (b > best || (b != b && best == best)) { best = b; idx = 1; }
+                if (c > best || (c != c && best == best)) { best = c; idx = 2; }
+                if (d > best || (d != d && best == best)) { best = d; idx = 3; }
+                y[oh * OW + ow] = best;
+                if (am) am[oh * OW + ow] = (uint8_t)idx;
             }
         }
     }
