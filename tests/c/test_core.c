@@ -65,6 +65,23 @@ static double conv_objective(const float *x, const float *w, const float *b, con
     return s;
 }
 
+/* largest |central difference - analytic| over every element of `param`
+ * (which is x or w itself) */
+static float fd_worst(float *param, size_t n, const float *analytic, const float *x,
+                      const float *w, const float *b, const float *r, int N, int C, int H,
+                      int W, int OC, int k, int pad, size_t nout)
+{
+    float h = 1e-2f, worst = 0;
+    for (size_t i = 0; i < n; i++) {
+        float old = param[i];
+        param[i] = old + h; double up = conv_objective(x, w, b, r, N, C, H, W, OC, k, pad, nout);
+        param[i] = old - h; double dn = conv_objective(x, w, b, r, N, C, H, W, OC, k, pad, nout);
+        param[i] = old;
+        worst = fmaxf(worst, fabsf((float)((up - dn) / (2 * h)) - analytic[i]));
+    }
+    return worst;
+}
+
 static void test_conv(int k, int pad)
 {
     int N = 3, C = 2, H = 6, W = 5, OC = 4;
@@ -80,23 +97,9 @@ static void test_conv(int k, int pad)
     memcpy(dout, r, nout * 4);
     ada_conv2d_backward(dx, dw, db, ws, dout, NULL, x, w, N, C, H, W, OC, k, pad);
     /* central differences in float on the double-accumulated objective */
-    float h = 1e-2f, worst = 0;
-    for (size_t i = 0; i < nw; i++) {
-        float old = w[i];
-        w[i] = old + h; double up = conv_objective(x, w, b, r, N, C, H, W, OC, k, pad, nout);
-        w[i] = old - h; double dn = conv_objective(x, w, b, r, N, C, H, W, OC, k, pad, nout);
-        w[i] = old;
-        worst = fmaxf(worst, fabsf((float)((up - dn) / (2 * h)) - dw[i]));
-    }
+    float worst = fd_worst(w, nw, dw, x, w, b, r, N, C, H, W, OC, k, pad, nout);
     CHECK(worst < 1e-2f * max_abs(dw, nw), "conv dweight k=%d pad=%d (%g)", k, pad, worst);
-    worst = 0;
-    for (size_t i = 0; i < nx; i++) {
-        float old = x[i];
-        x[i] = old + h; double up = conv_objective(x, w, b, r, N, C, H, W, OC, k, pad, nout);
-        x[i] = old - h; double dn = conv_objective(x, w, b, r, N, C, H, W, OC, k, pad, nout);
-        x[i] = old;
-        worst = fmaxf(worst, fabsf((float)((up - dn) / (2 * h)) - dx[i]));
-    }
+    worst = fd_worst(x, nx, dx, x, w, b, r, N, C, H, W, OC, k, pad, nout);
     CHECK(worst < 1e-2f * max_abs(dx, nx), "conv dinput k=%d pad=%d (%g)", k, pad, worst);
     float dbsum = 0, rsum = 0;
     for (int o = 0; o < OC; o++) dbsum += db[o];
