@@ -102,24 +102,18 @@ static int labels_valid(ada_head *head, const int64_t *labels, int N)
     return 1;
 }
 
-/* rows of x (rows, D) to y = x / max(||x||, 1e-12), with norms */
-static void normalize_rows(float *y, float *norms, const float *x, int rows, int D)
-{
-    ada_l2norm_forward(y, norms, x, rows, D);
-}
-
 /* a (N, D), w (C, D) and cosine = a w^T, from the raw embedding and weight */
 static void cosines(ada_head *head, const float *emb, int N)
 {
     int C = head->num_classes, D = head->embedding_dim;
     if (head->normalize_embedding) {
-        normalize_rows(head->emb_unit, head->emb_norm, emb, N, D);
+        ada_l2norm_forward(head->emb_unit, head->emb_norm, emb, N, D);
     } else {
         memcpy(head->emb_unit, emb, sizeof(float) * (size_t)N * D);
         for (int n = 0; n < N; n++) head->emb_norm[n] = 1.0f;
     }
     if (head->normalize_weight) {
-        normalize_rows(head->weight_unit, head->weight_norm, head->weight, C, D);
+        ada_l2norm_forward(head->weight_unit, head->weight_norm, head->weight, C, D);
     } else {
         memcpy(head->weight_unit, head->weight, sizeof(float) * (size_t)C * D);
     }

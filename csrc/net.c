@@ -296,10 +296,8 @@ ada_status ada_train_step(ada_net *net, ada_head *head, ada_adam *adam, float *l
     const float *emb;
     ada_status st = ada_net_forward(net, &emb, x_float, x_u8, N);
     if (st != ADA_OK) return st;
-    st = ada_head_reserve(head, N);
-    if (st != ADA_OK) { snprintf(net->err, ADA_ERRLEN, "%s", head->err); return st; }
-    /* nothing is changed before this point but caches; from here on the
-     * running statistics and gradients change, so validate labels first */
+    /* the head reserves its caches and validates the labels before it
+     * changes any state */
     float saved_mean = head->running_mean, saved_std = head->running_std;
     st = ada_head_forward(head, loss, emb, labels, N, 1);
     if (st != ADA_OK) { snprintf(net->err, ADA_ERRLEN, "%s", head->err); return st; }
