@@ -12,7 +12,7 @@
 typedef struct {
     int C, H, W, OC, k, pad, OH, OW;
     int group;                 /* images per GEMM: small feature maps are batched */
-    size_t K, OHW, ld, col_floats, tmp_floats, thread_floats;
+    size_t K, OHW, ld, col_floats, tmp_floats, pad_floats, thread_floats;
 } conv_geom;
 
 static conv_geom geometry(int C, int H, int W, int OC, int k, int pad)
@@ -30,9 +30,10 @@ static conv_geom geometry(int C, int H, int W, int OC, int k, int pad)
     g.ld = g.OHW * g.group;
     g.col_floats = g.K * g.ld;
     g.tmp_floats = g.group > 1 ? (size_t)OC * g.ld : 0;
-    /* col, tmp (OC, ld), then dweight (OC, K), then dbias (OC); rounded to
-     * 16 floats so threads never share a cache line */
-    g.thread_floats = (g.col_floats + g.tmp_floats + g.K * OC + OC + 15) / 16 * 16;
+    g.pad_floats = pad ? (size_t)C * (H + 2 * pad) * (W + 2 * pad) : 0;
+    /* col, tmp (OC, ld), then dweight (OC, K), dbias (OC), then the padded
+     * image; rounded to 16 floats so threads never share a cache line */
+    g.thread_floats = (g.col_floats + g.tmp_floats + g.K * OC + OC + g.pad_floats + 15) / 16 * 16;
     return g;
 }
 
@@ -43,60 +44,110 @@ size_t ada_conv2d_workspace_floats(int C, int H, int W, int OC, int k, int pad,
     return g.thread_floats * (size_t)num_threads;
 }
 
-/* col (K, ld): col[(c, ki, kj)][oh, ow] = inp[c][oh + ki - pad][ow + kj - pad], 0 outside;
- * rows are `ld` floats apart so several images can sit side by side */
-static void im2col(float *col, size_t ld, const float *inp, const conv_geom *g)
+/* xp = x with `pad` zeros around each of its C planes: (C, H + 2 pad, W + 2 pad) */
+static void pad_image(float *restrict xp, const float *restrict x, const conv_geom *g)
 {
+    int Hp = g->H + 2 * g->pad, Wp = g->W + 2 * g->pad;
+    memset(xp, 0, sizeof(float) * (size_t)g->C * Hp * Wp);
+    for (int c = 0; c < g->C; c++)
+        for (int h = 0; h < g->H; h++)
+            memcpy(xp + ((size_t)c * Hp + h + g->pad) * Wp + g->pad,
+                   x + ((size_t)c * g->H + h) * g->W, sizeof(float) * g->W);
+}
+
+/* OH rows of OW floats, `stride` floats apart in src, to contiguous dst; the
+ * common widths get a constant size the compiler inlines */
+#define COPY_ROWS(WIDTH)                                                        \
+    for (int oh = 0; oh < OH; oh++)                                             \
+        memcpy(dst + (size_t)oh * (WIDTH), src + (size_t)oh * stride,           \
+               sizeof(float) * (WIDTH));                                        \
+    break;
+
+static void gather_rows(float *restrict dst, const float *restrict src, int OH, int OW,
+                        size_t stride)
+{
+    switch (OW) {
+    case 32: COPY_ROWS(32)
+    case 28: COPY_ROWS(28)
+    case 16: COPY_ROWS(16)
+    case 14: COPY_ROWS(14)
+    case 8: COPY_ROWS(8)
+    case 7: COPY_ROWS(7)
+    default: COPY_ROWS(OW)
+    }
+}
+
+/* col (K, ld): col[(c, ki, kj)][oh, ow] = xp[c][oh + ki][ow + kj] from the
+ * padded image xp; rows are `ld` floats apart so several images can sit side
+ * by side */
+static void im2col(float *restrict col, size_t ld, const float *restrict xp, const conv_geom *g)
+{
+    size_t Hp = g->H + 2 * g->pad, Wp = g->W + 2 * g->pad;
     for (int c = 0; c < g->C; c++)
         for (int ki = 0; ki < g->k; ki++)
-            for (int kj = 0; kj < g->k; kj++) {
-                float *row = col + ((size_t)(c * g->k + ki) * g->k + kj) * ld;
-                int shift = kj - g->pad;
-                int ow_lo = shift < 0 ? -shift : 0;             /* first ow with iw >= 0 */
-                int ow_hi = g->W - shift < g->OW ? g->W - shift : g->OW; /* iw < W */
-                if (ow_hi < ow_lo) ow_hi = ow_lo;
-                for (int oh = 0; oh < g->OH; oh++) {
-                    float *dst = row + (size_t)oh * g->OW;
-                    int ih = oh + ki - g->pad;
-                    if (ih < 0 || ih >= g->H) {
-                        memset(dst, 0, sizeof(float) * g->OW);
-                        continue;
-                    }
-                    const float *src = inp + ((size_t)c * g->H + ih) * g->W;
-                    for (int ow = 0; ow < ow_lo; ow++) dst[ow] = 0.0f;
-                    memcpy(dst + ow_lo, src + ow_lo + shift, sizeof(float) * (ow_hi - ow_lo));
-                    for (int ow = ow_hi; ow < g->OW; ow++) dst[ow] = 0.0f;
-                }
-            }
+            for (int kj = 0; kj < g->k; kj++)
+                gather_rows(col + ((size_t)(c * g->k + ki) * g->k + kj) * ld,
+                            xp + ((size_t)c * Hp + ki) * Wp + kj, g->OH, g->OW, Wp);
+}
+
+/* the input of one image as the im2col source: padded into `xp`, or the
+ * image itself when there is no padding */
+static const float *padded(float *xp, const float *x, const conv_geom *g)
+{
+    if (g->pad == 0) return x;
+    pad_image(xp, x, g);
+    return xp;
+}
+
+/* dxp[c][oh + ki][ow + kj] += src[oh][ow] for OH rows of OW floats */
+static void scatter_add_rows(float *restrict dxp, const float *restrict src, int OH, int OW,
+                             size_t stride)
+{
+    for (int oh = 0; oh < OH; oh++) {
+        float *restrict d = dxp + (size_t)oh * stride;
+        const float *restrict s = src + (size_t)oh * OW;
+        for (int ow = 0; ow < OW; ow++) d[ow] += s[ow];
+    }
 }
 
 /* the adjoint of im2col: dinp (overwritten) gathers every column entry that
- * read it */
-static void col2im(float *restrict dinp, const float *restrict col, size_t ld,
-                   const conv_geom *g)
+ * read it, accumulated in the padded buffer dxp whose interior is then copied
+ * out */
+static void col2im(float *restrict dinp, float *restrict dxp, const float *restrict col,
+                   size_t ld, const conv_geom *g)
 {
-    memset(dinp, 0, sizeof(float) * (size_t)g->C * g->H * g->W);
+    size_t Hp = g->H + 2 * g->pad, Wp = g->W + 2 * g->pad;
+    float *acc = g->pad ? dxp : dinp;
+    memset(acc, 0, sizeof(float) * (size_t)g->C * Hp * Wp);
     for (int c = 0; c < g->C; c++)
         for (int ki = 0; ki < g->k; ki++)
-            for (int kj = 0; kj < g->k; kj++) {
-                const float *row = col + ((size_t)(c * g->k + ki) * g->k + kj) * ld;
-                int shift = kj - g->pad;
-                int ow_lo = shift < 0 ? -shift : 0;
-                int ow_hi = g->W - shift < g->OW ? g->W - shift : g->OW;
-                for (int oh = 0; oh < g->OH; oh++) {
-                    int ih = oh + ki - g->pad;
-                    if (ih < 0 || ih >= g->H) continue;
-                    float *restrict dst = dinp + ((size_t)c * g->H + ih) * g->W + shift;
-                    const float *restrict src = row + (size_t)oh * g->OW;
-                    for (int ow = ow_lo; ow < ow_hi; ow++) dst[ow] += src[ow];
-                }
-            }
+            for (int kj = 0; kj < g->k; kj++)
+                scatter_add_rows(acc + ((size_t)c * Hp + ki) * Wp + kj,
+                                 col + ((size_t)(c * g->k + ki) * g->k + kj) * ld,
+                                 g->OH, g->OW, Wp);
+    if (g->pad)
+        for (int c = 0; c < g->C; c++)
+            for (int h = 0; h < g->H; h++)
+                memcpy(dinp + ((size_t)c * g->H + h) * g->W,
+                       dxp + ((size_t)c * Hp + h + g->pad) * Wp + g->pad, sizeof(float) * g->W);
 }
 
-/* dst = src where relu_out > 0, else 0 (d relu / dx); dst may be src */
-static void mask_copy(float *dst, const float *src, const float *relu_out, size_t n)
+/* dst = src where relu_out > 0, else 0 (d relu / dx) */
+static void relu_mask_copy(float *restrict dst, const float *restrict src,
+                           const float *restrict relu_out, size_t n)
 {
-    for (size_t i = 0; i < n; i++) dst[i] = relu_out[i] > 0.0f ? src[i] : 0.0f;
+    for (size_t i = 0; i < n; i++) {
+        float s = src[i];
+        dst[i] = relu_out[i] > 0.0f ? s : 0.0f;
+    }
+}
+
+static void relu_mask_inplace(float *restrict d, const float *restrict relu_out, size_t n)
+{
+    for (size_t i = 0; i < n; i++) {
+        float s = d[i];
+        d[i] = relu_out[i] > 0.0f ? s : 0.0f;
+    }
 }
 
 /* a sum in a fixed order the compiler can vectorise: 8 running partial sums */
@@ -145,6 +196,7 @@ void ada_conv2d_forward(float *out, float *workspace, const float *inp,
         int tid = omp_get_thread_num(), team = omp_get_num_threads();
         float *col = workspace + g.thread_floats * (size_t)tid;
         float *tmp = col + g.col_floats;
+        float *xp = tmp + g.tmp_floats + g.K * OC + OC;
         int block = (N + team - 1) / team;
         int n0 = tid * block, n1 = n0 + block < N ? n0 + block : N;
         for (int n = n0; n < n1; n += g.group) {
@@ -153,14 +205,15 @@ void ada_conv2d_forward(float *out, float *workspace, const float *inp,
             const float *x = inp + (size_t)n * C * H * W;
             if (count == 1) {
                 float *y = out + (size_t)n * OC * g.OHW;
-                if (!direct) im2col(col, g.OHW, x, &g);
+                if (!direct) im2col(col, g.OHW, padded(xp, x, &g), &g);
                 ada_sgemm_serial(0, 0, OC, (int)g.OHW, (int)g.K, 1.0f, weight, (int)g.K,
                                  direct ? x : col, (int)g.OHW, 0.0f, y, (int)g.OHW);
                 bias_relu(y, y, bias, OC, g.OHW, g.OHW, relu);
                 continue;
             }
             for (int j = 0; j < count; j++)
-                im2col(col + (size_t)j * g.OHW, cols, x + (size_t)j * C * H * W, &g);
+                im2col(col + (size_t)j * g.OHW, cols, padded(xp, x + (size_t)j * C * H * W, &g),
+                       &g);
             ada_sgemm_serial(0, 0, OC, (int)cols, (int)g.K, 1.0f, weight, (int)g.K, col,
                              (int)cols, 0.0f, tmp, (int)cols);
             for (int j = 0; j < count; j++)
@@ -190,6 +243,7 @@ void ada_conv2d_backward(float *dinp, float *dweight, float *dbias, float *works
         float *tmp = col + g.col_floats;
         float *dw = tmp + g.tmp_floats;
         float *db = dw + g.K * OC;
+        float *xp = db + OC;
         memset(dw, 0, sizeof(float) * (g.K * OC + OC));
         /* the forward's split: each thread's images are contiguous and summed
          * in order, so the result does not depend on timing */
@@ -207,8 +261,10 @@ void ada_conv2d_backward(float *dinp, float *dweight, float *dbias, float *works
                 for (int oc = 0; oc < OC; oc++) {
                     const float *s_row = src + (size_t)oc * g.OHW;
                     float *d_row = dy + (size_t)oc * cols + (size_t)j * g.OHW;
-                    if (y)
-                        mask_copy(d_row, s_row, y + (size_t)oc * g.OHW, g.OHW);
+                    if (y && d_row == s_row)
+                        relu_mask_inplace(d_row, y + (size_t)oc * g.OHW, g.OHW);
+                    else if (y)
+                        relu_mask_copy(d_row, s_row, y + (size_t)oc * g.OHW, g.OHW);
                     else if (d_row != s_row)
                         memcpy(d_row, s_row, sizeof(float) * g.OHW);
                     db[oc] += sum8(d_row, g.OHW);
@@ -217,7 +273,8 @@ void ada_conv2d_backward(float *dinp, float *dweight, float *dbias, float *works
             const float *x = inp + (size_t)n * C * H * W;
             if (!direct)
                 for (int j = 0; j < count; j++)
-                    im2col(col + (size_t)j * g.OHW, cols, x + (size_t)j * C * H * W, &g);
+                    im2col(col + (size_t)j * g.OHW, cols,
+                           padded(xp, x + (size_t)j * C * H * W, &g), &g);
             ada_sgemm_serial(0, 1, OC, (int)g.K, (int)cols, 1.0f, dy, (int)cols,
                              direct ? x : col, (int)cols, 1.0f, dw, (int)g.K);
             if (dinp) {
@@ -229,7 +286,8 @@ void ada_conv2d_backward(float *dinp, float *dweight, float *dbias, float *works
                     ada_sgemm_serial(1, 0, (int)g.K, (int)cols, OC, 1.0f, weight, (int)g.K,
                                      dy, (int)cols, 0.0f, col, (int)cols);
                     for (int j = 0; j < count; j++)
-                        col2im(dx + (size_t)j * C * H * W, col + (size_t)j * g.OHW, cols, &g);
+                        col2im(dx + (size_t)j * C * H * W, xp, col + (size_t)j * g.OHW, cols,
+                               &g);
                 }
             }
         }

@@ -2,6 +2,57 @@
 #include "adaloss.h"
 
 #include <string.h>
+#ifdef __SSE2__
+#include <emmintrin.h>
+#endif
+
+/* x beats the best so far: it is larger, or it is the first NaN */
+#define BEATS(x, best) (((x) > (best)) | (((x) != (x)) & ((best) == (best))))
+
+/* one output row: windows r0[2 ow .. 2 ow + 1], r1[2 ow .. 2 ow + 1] */
+static void pool_row(float *restrict y, uint8_t *restrict am, const float *restrict r0,
+                     const float *restrict r1, int OW)
+{
+    int ow = 0;
+#ifdef __SSE2__
+    /* four windows at a time, branch-free: even/odd columns deinterleaved,
+     * then the scalar rule below lane by lane */
+    for (; ow + 4 <= OW; ow += 4) {
+        __m128 p0 = _mm_loadu_ps(r0 + 2 * ow), p1 = _mm_loadu_ps(r0 + 2 * ow + 4);
+        __m128 q0 = _mm_loadu_ps(r1 + 2 * ow), q1 = _mm_loadu_ps(r1 + 2 * ow + 4);
+        __m128 v[4] = {_mm_shuffle_ps(p0, p1, _MM_SHUFFLE(2, 0, 2, 0)),
+                       _mm_shuffle_ps(p0, p1, _MM_SHUFFLE(3, 1, 3, 1)),
+                       _mm_shuffle_ps(q0, q1, _MM_SHUFFLE(2, 0, 2, 0)),
+                       _mm_shuffle_ps(q0, q1, _MM_SHUFFLE(3, 1, 3, 1))};
+        __m128 best = v[0];
+        __m128i idx = _mm_setzero_si128();
+        for (int w = 1; w < 4; w++) {
+            __m128 beats = _mm_or_ps(_mm_cmpgt_ps(v[w], best),
+                                     _mm_and_ps(_mm_cmpunord_ps(v[w], v[w]),
+                                                _mm_cmpord_ps(best, best)));
+            best = _mm_or_ps(_mm_and_ps(beats, v[w]), _mm_andnot_ps(beats, best));
+            __m128i bi = _mm_castps_si128(beats);
+            idx = _mm_or_si128(_mm_and_si128(bi, _mm_set1_epi32(w)), _mm_andnot_si128(bi, idx));
+        }
+        _mm_storeu_ps(y + ow, best);
+        __m128i packed = _mm_packus_epi16(_mm_packs_epi32(idx, idx), _mm_setzero_si128());
+        int bytes = _mm_cvtsi128_si32(packed);
+        memcpy(am + ow, &bytes, 4);
+    }
+#endif
+    for (; ow < OW; ow++) {
+        float v[4] = {r0[2 * ow], r0[2 * ow + 1], r1[2 * ow], r1[2 * ow + 1]};
+        float best = v[0];
+        int idx = 0;
+        for (int w = 1; w < 4; w++) {
+            int beats = BEATS(v[w], best);
+            best = beats ? v[w] : best;
+            idx = beats ? w : idx;
+        }
+        y[ow] = best;
+        am[ow] = (uint8_t)idx;
+    }
+}
 
 /* inp (N, C, H, W) -> out (N, C, H/2, W/2); argmax[i] in 0..3 is the window
  * position (row-major) of the first maximum, as PyTorch picks it. NaN wins, as
@@ -14,21 +65,10 @@ void ada_maxpool2d_forward(float *out, uint8_t *argmax, const float *inp,
     #pragma omp parallel for schedule(static)
     for (long p = 0; p < planes; p++) {
         const float *x = inp + (size_t)p * H * W;
-        float *y = out + (size_t)p * OH * OW;
-        uint8_t *am = argmax ? argmax + (size_t)p * OH * OW : NULL;
         for (int oh = 0; oh < OH; oh++) {
-            const float *r0 = x + (size_t)(2 * oh) * W, *r1 = r0 + W;
-            for (int ow = 0; ow < OW; ow++) {
-                float a = r0[2 * ow], b = r0[2 * ow + 1], c = r1[2 * ow], d = r1[2 * ow + 1];
-                /* strict > keeps the first maximum; a NaN wins (PyTorch's rule) */
-                float best = a;
-                int idx = 0;
-                if (b > best || (b != b && best == best)) { best = b; idx = 1; }
-                if (c > best || (c != c && best == best)) { best = c; idx = 2; }
-                if (d > best || (d != d && best == best)) { best = d; idx = 3; }
-                y[oh * OW + ow] = best;
-                if (am) am[oh * OW + ow] = (uint8_t)idx;
-            }
+            const float *r0 = x + (size_t)(2 * oh) * W;
+            size_t o = ((size_t)p * OH + oh) * OW;
+            pool_row(out + o, argmax + o, r0, r0 + W, OW);
         }
     }
 }
