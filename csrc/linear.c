@@ -27,8 +27,10 @@ void ada_linear_backward(float *dinp, float *dweight, float *dbias,
 {
     if (out) {
         size_t total = (size_t)N * out_features;
-        for (size_t i = 0; i < total; i++)
-            if (!(out[i] > 0.0f)) dout[i] = 0.0f;
+        for (size_t i = 0; i < total; i++) {
+            float d = dout[i];
+            dout[i] = out[i] > 0.0f ? d : 0.0f;
+        }
     }
     for (int n = 0; n < N; n++) {
         const float *dy = dout + (size_t)n * out_features;

@@ -240,30 +240,38 @@ def test_heads_finite_at_the_edges():
 
 
 def test_memory_does_not_grow():
+    """Training, inference and making networks do not leak. Measured after one
+    warm-up round of each: the allocator's caches settle at a few MiB once
+    (seen: +6.8 MiB over the first 200 networks, then flat within 1.5 MiB over
+    2,400 more), a leak keeps growing."""
     net = small_net()
     head = adaloss.ArcFace(10, 8)
     trainer = adaloss.Trainer(net, head, adaloss.Adam(net.parameters() + head.parameters()))
     x = np.zeros((16, 1, 8, 8), np.uint8)
     y = np.arange(16) % 10
+
+    def make_networks(count):
+        for _ in range(count):
+            n = small_net()
+            h = adaloss.AdaFace(10, 8)
+            adaloss.Trainer(n, h, adaloss.Adam(n.parameters() + h.parameters())).step(x, y)
+            try:
+                n.forward(np.zeros((2, 2, 2, 2), np.float32))
+            except ValueError:
+                pass
+
     for _ in range(200):
         trainer.step(x, y)
+    make_networks(300)
     gc.collect()
     start = rss_kb()
     for _ in range(10000):
         trainer.step(x, y)
         net.forward(x)
         head.logits(net.forward(x))
-    for _ in range(1000):
-        n = small_net()
-        h = adaloss.AdaFace(10, 8)
-        adaloss.Trainer(n, h, adaloss.Adam(n.parameters() + h.parameters())).step(x, y)
-        try:
-            n.forward(np.zeros((2, 2, 2, 2), np.float32))
-        except ValueError:
-            pass
-    del n, h
+    make_networks(1000)
     gc.collect()
-    assert rss_kb() - start < 8 * 1024, (start, rss_kb())
+    assert rss_kb() - start < 6 * 1024, (start, rss_kb())
 
 
 def test_gil_released_and_threads_agree(threads):
