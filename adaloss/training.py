@@ -66,11 +66,22 @@ def evaluate(net: Sequential, head: _Head, x: np.ndarray, y: np.ndarray, rule: s
              batch_size: int = 1000) -> float:
     """Accuracy in [0, 1]. rule='plain' is margin-free; 'report' is the report's
     own evaluation (its ArcFace applies the margin to the true class)."""
+    return _accuracies(net, head, x, y, (rule,), batch_size)[rule]
+
+
+def _accuracies(net: Sequential, head: _Head, x: np.ndarray, y: np.ndarray, rules,
+                batch_size: int = 1000) -> dict:
+    """{rule: accuracy} for several rules from one forward pass over x."""
     x, y = _check_xy(x, y, "x, y")
     if len(y) == 0:
         raise ValueError("x, y: expected at least one example")
-    pred = predict(net, head, x, y if rule == "report" else None, rule, batch_size)
-    return float(np.mean(pred == y))
+    correct = dict.fromkeys(rules, 0)
+    for i in range(0, len(x), batch_size):
+        emb, lab = net.forward(x[i:i + batch_size]), y[i:i + batch_size]
+        for rule in rules:
+            pred = head.predict(emb, lab if rule == "report" else None, rule)
+            correct[rule] += int(np.sum(pred == lab))
+    return {rule: count / len(y) for rule, count in correct.items()}
 
 
 def margin_stats(net: Sequential, head: _Head, x: np.ndarray, y: np.ndarray,
@@ -170,11 +181,10 @@ def fit(trainer: Trainer, x_train: np.ndarray, y_train: np.ndarray, epochs: int 
         history.step_losses.append([float(v) for v in losses])
         history.seconds.append(seconds)
         if x_test is not None:
-            history.test_accuracy.append(evaluate(trainer.net, trainer.head, x_test, y_test,
-                                                  eval_rule))
-            history.test_accuracy_plain.append(
-                history.test_accuracy[-1] if eval_rule == "plain"
-                else evaluate(trainer.net, trainer.head, x_test, y_test, "plain"))
+            acc = _accuracies(trainer.net, trainer.head, x_test, y_test,
+                              dict.fromkeys((eval_rule, "plain")))
+            history.test_accuracy.append(acc[eval_rule])
+            history.test_accuracy_plain.append(acc["plain"])
         if progress:
             acc = f", test accuracy {history.test_accuracy[-1]:.4f}" if x_test is not None else ""
             print(f"epoch {epoch + 1}/{epochs}: loss {history.train_loss[-1]:.4f}{acc}, "

@@ -67,9 +67,15 @@ def test_report_trainer_keeps_class_weights_frozen(mnist_small):
 
 def test_report_arcface_evaluation_applies_the_margin(mnist_small):
     trainer = presets.build(presets.runs("mnist", "report")[0], seed=0)
-    training.fit(trainer, mnist_small.train_images, mnist_small.train_labels, epochs=1,
-                 progress=False)
     x, y = mnist_small.test_images, mnist_small.test_labels
+    history = training.fit(trainer, mnist_small.train_images, mnist_small.train_labels,
+                           epochs=1, x_test=x, y_test=y, eval_rule="report", progress=False)
+    # fit scores both rules from one forward pass: the same as two evaluations
+    # (batches of 37 put several batch boundaries inside the test set)
+    assert history.test_accuracy == [training.evaluate(trainer.net, trainer.head, x, y, "report",
+                                                       batch_size=37)]
+    assert history.test_accuracy_plain == [training.evaluate(trainer.net, trainer.head, x, y,
+                                                             batch_size=37)]
     emb = trainer.net.forward(x)
     plain = trainer.head.logits(emb)
     report = trainer.head.logits(emb, y, rule="report")
