@@ -15,14 +15,19 @@ import numpy as np
 from . import __version__
 
 
-def _positive(value: str) -> int:
+def _positive(value: str, least: int = 1) -> int:
+    kind = "a positive" if least == 1 else "a non-negative"
     try:
         n = int(value)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
+        raise argparse.ArgumentTypeError(f"expected {kind} integer, got {value!r}") from None
+    if n < least:
+        raise argparse.ArgumentTypeError(f"expected {kind} integer, got {value!r}")
     return n
+
+
+def _non_negative(value: str) -> int:
+    return _positive(value, least=0)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -68,7 +73,7 @@ def parser() -> argparse.ArgumentParser:
         description="Run preset x head x data set x seed in parallel processes (or on a Dask "
                     "cluster), one JSON file per finished run in OUT/runs/ (finished runs are "
                     "skipped on restart), and write OUT/summary.json and OUT/summary.md: mean, "
-                    "std and 95 %% CI per cell, paired comparisons with a Wilcoxon p-value.")
+                    "std and 95 % CI per cell, paired comparisons with a Wilcoxon p-value.")
     st.add_argument("--datasets", default="mnist,cifar10", help="comma-separated (default: both)")
     st.add_argument("--presets", default="report,paper,fair",
                     help="comma-separated presets (default: report,paper,fair)")
@@ -85,8 +90,9 @@ def parser() -> argparse.ArgumentParser:
                     help="C-core threads in each worker (default: 1)")
     st.add_argument("--scheduler", default=None, metavar="ADDRESS",
                     help="send the runs to this Dask distributed scheduler instead")
-    st.add_argument("--max-runs", type=_positive, default=None,
-                    help="stop after this many new runs (resume later)")
+    st.add_argument("--max-runs", type=_non_negative, default=None,
+                    help="stop after this many new runs (resume later); 0 only writes the "
+                         "summary of the runs finished so far")
     pl = sub.add_parser("plot", help="make the figures again from a results folder",
                         description="Make the figures of a results folder again from its "
                                     "results.json (the sample grid needs the data set).")

@@ -173,7 +173,7 @@ def study(datasets=("mnist",), presets=("report", "paper", "fair"), seeds=None, 
                 _write(runs_dir / f"{rid}.json", fut.result())
                 if progress:
                     print(f"  done {rid}", flush=True)
-    summary = summarize(out)
+    summary = summarize(out, planned=len(tasks))
     summary["command_hint"] = ("adaloss study --datasets " + ",".join(datasets) + " --presets "
                                + ",".join(presets) + " --seeds "
                                + ",".join(f"{d}={seeds[d]}" for d in datasets))
@@ -201,8 +201,9 @@ def _run_dask(scheduler, args, runs_dir: Path, progress: bool) -> None:
             client.close()
 
 
-def summarize(out) -> dict:
-    """Cells (mean, std, CI), paired comparisons and CPU time of a study folder."""
+def summarize(out, planned: int | None = None) -> dict:
+    """Cells (mean, std, CI), paired comparisons and CPU time of a study folder;
+    `planned`, the grid's number of runs, marks a summary of an unfinished grid."""
     from .presets import REPORT_ACCURACY
 
     runs = [json.loads(p.read_text()) for p in sorted((Path(out) / "runs").glob("*.json"))]
@@ -235,20 +236,22 @@ def summarize(out) -> dict:
                           "wilcoxon_p": wilcoxon_signed_rank(diffs)})
     cpu_seconds = sum(r["wall_seconds"] * r.get("threads", 1) for r in runs)
     return {"adaloss_version": __version__, "created": time.strftime("%Y-%m-%d %H:%M"),
-            "cells": cell_rows, "pairs": pairs, "runs": len(runs),
-            "cpu_hours": cpu_seconds / 3600, "table": _table(cell_rows, pairs, cpu_seconds)}
+            "cells": cell_rows, "pairs": pairs, "runs": len(runs), "runs_planned": planned,
+            "cpu_hours": cpu_seconds / 3600,
+            "table": _table(cell_rows, pairs, cpu_seconds, len(runs), planned)}
 
 
 def _fmt_ci(ci) -> str:
     return "–" if any(math.isnan(v) for v in ci) else f"[{ci[0]:.2f}, {ci[1]:.2f}]"
 
 
-def _table(cells, pairs, cpu_seconds) -> str:
+def _table(cells, pairs, cpu_seconds, done: int, planned: int | None) -> str:
     lines = ["| data set | preset | head | seeds | accuracy % mean ± std | 95 % CI | margin-free % "
              "| report % |", "|---|---|---|---|---|---|---|---|"]
     for c in cells:
+        spread = f" ± {c['std']:.2f}" if c["n"] > 1 else ""   # one seed: no spread
         lines.append(f"| {c['dataset']} | {c['preset']} | {c['head']} | {c['n']} | "
-                     f"{c['mean']:.2f} ± {c['std']:.2f} | {_fmt_ci(c['ci95'])} | "
+                     f"{c['mean']:.2f}{spread} | {_fmt_ci(c['ci95'])} | "
                      f"{c['margin_free_mean']:.2f} | {c['report'] if c['report'] else '–'} |")
     lines += ["", "| data set | preset | A − B | pairs | mean difference (points) | 95 % CI | "
               "Wilcoxon p |", "|---|---|---|---|---|---|---|"]
@@ -256,4 +259,7 @@ def _table(cells, pairs, cpu_seconds) -> str:
         lines.append(f"| {p['dataset']} | {p['preset']} | {p['a']} − {p['b']} | {p['n']} | "
                      f"{p['mean_diff']:+.2f} | {_fmt_ci(p['ci95'])} | {p['wilcoxon_p']:.3f} |")
     lines += ["", f"CPU time of the grid: {cpu_seconds / 3600:.2f} CPU-hours (wall time x threads)."]
+    if planned is not None and done < planned:
+        lines.append(f"Unfinished grid: {done} of {planned} runs; the cells above hold the "
+                     "seeds finished so far.")
     return "\n".join(lines)

@@ -24,7 +24,10 @@ def test_tiny_study_resumes_to_the_same_summary(tmp_path, shared_data):
     assert straight["runs"] == 8 and len(straight["cells"]) == 4
     # interrupted after 3 runs, then resumed
     partial = study.study(out=tmp_path / "b", max_runs=3, **kwargs)
-    assert partial["runs"] == 3
+    assert partial["runs"] == 3 and partial["runs_planned"] == 8
+    assert "Unfinished grid: 3 of 8 runs" in (tmp_path / "b" / "summary.md").read_text()
+    # max_runs=0 runs nothing and only summarises what is there
+    assert study.study(out=tmp_path / "b", max_runs=0, **kwargs)["runs"] == 3
     resumed = study.study(out=tmp_path / "b", **kwargs)
     assert resumed["runs"] == 8
     for a, b in zip(straight["cells"], resumed["cells"]):
@@ -35,7 +38,8 @@ def test_tiny_study_resumes_to_the_same_summary(tmp_path, shared_data):
     assert cell["n"] == 2 and cell["ci95"][0] <= cell["mean"] <= cell["ci95"][1]
     run = json.loads(next((tmp_path / "a" / "runs").glob("*.json")).read_text())
     assert run["history"]["epochs"] == [1] and run["subset"] == 256
-    assert (tmp_path / "a" / "summary.md").read_text().startswith("| data set |")
+    text = (tmp_path / "a" / "summary.md").read_text()
+    assert text.startswith("| data set |") and "Unfinished" not in text
     assert straight["cpu_hours"] > 0
 
 
