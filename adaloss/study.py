@@ -81,14 +81,16 @@ def _mean_ci(values) -> dict:
 
 
 def plan(datasets, presets_, seeds: dict, epochs=None) -> list:
-    """(run id, config, seed) of every run in the grid."""
+    """(run id, config, seed) of every run in the grid, seed by seed within a
+    data set, so that an unfinished grid holds whole seeds of every cell (and
+    paired comparisons) rather than all seeds of the first cells."""
     from . import presets
 
     tasks = []
     for dataset in datasets:
-        for preset in presets_:
-            for config in presets.runs(dataset, preset, epochs):
-                for seed in range(seeds[dataset]):
+        for seed in range(seeds[dataset]):
+            for preset in presets_:
+                for config in presets.runs(dataset, preset, epochs):
                     tasks.append((f"{config.name}-seed{seed}", config, seed))
     return tasks
 

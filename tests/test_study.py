@@ -17,6 +17,18 @@ def test_wilcoxon_and_t():
     assert study.t_quantile_975(4) == 2.776 and study.t_quantile_975(100) == 1.96
 
 
+def test_plan_goes_seed_by_seed():
+    tasks = study.plan(["mnist", "cifar10"], ["report", "paper", "fair"],
+                       {"mnist": 5, "cifar10": 3})
+    assert len(tasks) == 5 * 8 + 3 * 8 and len({t[0] for t in tasks}) == len(tasks)
+    first = tasks[:8]     # seed 0 of every MNIST cell before any seed 1
+    assert {t[2] for t in first} == {0} and all(t[1].dataset == "mnist" for t in first)
+    assert {(t[1].preset, t[1].head) for t in first} == {
+        ("report", "arcface"), ("report", "adaface"), ("paper", "arcface"), ("paper", "adaface"),
+        ("fair", "softmax"), ("fair", "cosface"), ("fair", "arcface"), ("fair", "adaface")}
+    assert [t[2] for t in tasks[:40]] == sorted(t[2] for t in tasks[:40])
+
+
 def test_tiny_study_resumes_to_the_same_summary(tmp_path, shared_data):
     kwargs = dict(datasets=["mnist"], presets=["fair"], seeds=2, epochs=1, subset=256,
                   data_root=shared_data, workers=2, progress=False)
