@@ -156,10 +156,11 @@ def study(datasets=("mnist",), presets=("report", "paper", "fair"), seeds=None, 
     runs_dir.mkdir(parents=True, exist_ok=True)
     tasks = plan(datasets, presets, seeds, epochs)
     todo = [t for t in tasks if not (runs_dir / f"{t[0]}.json").exists()]
+    done = len(tasks) - len(todo)
     if max_runs is not None:
         todo = todo[:max_runs]
     if progress:
-        print(f"study: {len(tasks)} runs, {len(tasks) - len(todo)} already done, {len(todo)} to run",
+        print(f"study: {len(tasks)} runs, {done} already done, {len(todo)} to run now",
               flush=True)
     args = [(rid, (c.to_dict(), seed, str(data_root) if data_root else None, subset,
                    threads_per_worker)) for rid, c, seed in todo]
