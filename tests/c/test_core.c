@@ -119,6 +119,29 @@ static void test_pool(void)
     float total = 0; for (int i = 0; i < 40; i++) total += dx[i];
     CHECK(total == 36.0f, "pool backward routes every gradient once");
     CHECK(out[0] == fmaxf(fmaxf(x[0], x[1]), fmaxf(x[4], x[5])), "pool forward max");
+
+    /* a 4 x 20 plane: 8 windows per row take the 4-wide SIMD path, 2 the
+     * scalar tail; values in {0, 1, 2} make ties common, some are NaN. Each
+     * window must follow the rule: first maximum in row-major order, the
+     * first NaN wins. */
+    enum { PH = 4, PW = 20 };
+    float px[PH * PW], pout[(PH / 2) * (PW / 2)];
+    uint8_t pam[(PH / 2) * (PW / 2)];
+    for (int i = 0; i < PH * PW; i++) px[i] = (i * 37) % 13 == 0 ? NAN : (float)((i * 5) % 3);
+    ada_maxpool2d_forward(pout, pam, px, 1, 1, PH, PW);
+    int rule_ok = 1;
+    for (int oh = 0; oh < PH / 2; oh++)
+        for (int ow = 0; ow < PW / 2; ow++) {
+            float v[4] = {px[2 * oh * PW + 2 * ow], px[2 * oh * PW + 2 * ow + 1],
+                          px[(2 * oh + 1) * PW + 2 * ow], px[(2 * oh + 1) * PW + 2 * ow + 1]};
+            int want = 0;
+            for (int w = 1; w < 4; w++)
+                if (v[w] > v[want] || (isnan(v[w]) && !isnan(v[want]))) want = w;
+            int o = oh * (PW / 2) + ow;
+            if (pam[o] != want || !(pout[o] == v[want] || (isnan(pout[o]) && isnan(v[want]))))
+                rule_ok = 0;
+        }
+    CHECK(rule_ok, "pool SIMD and scalar windows: first maximum, first NaN wins");
 }
 
 static void test_heads(void)
