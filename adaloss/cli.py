@@ -79,6 +79,8 @@ def parser() -> argparse.ArgumentParser:
                     help="comma-separated presets (default: report,paper,fair)")
     st.add_argument("--seeds", default="mnist=5,cifar10=3",
                     help="seeds per data set: N for all, or mnist=5,cifar10=3 (the default)")
+    st.add_argument("--heads", default=None,
+                    help="comma-separated heads to run (default: every head of each preset)")
     st.add_argument("--out", default="benchmarks/study", help="study folder (default: %(default)s)")
     st.add_argument("--epochs", type=_positive, default=None, help="default: the report's")
     st.add_argument("--subset", type=_positive, default=None, metavar="N",
@@ -285,7 +287,9 @@ def cmd_study(args) -> int:
         summary = study.study(datasets, presets_, seeds, args.out, epochs=args.epochs,
                               subset=args.subset, data_root=args.data_root,
                               workers=args.workers, threads_per_worker=args.threads_per_worker,
-                              scheduler=args.scheduler, max_runs=args.max_runs)
+                              scheduler=args.scheduler, max_runs=args.max_runs,
+                              heads=[h for h in args.heads.split(",") if h] if args.heads
+                              else None)
     except (ValueError, argparse.ArgumentTypeError) as exc:
         print(f"adaloss: {exc}", file=sys.stderr)
         return 2

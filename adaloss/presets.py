@@ -15,10 +15,11 @@ from dataclasses import asdict, dataclass, field
 
 from . import nn
 
-__all__ = ["RunConfig", "runs", "build", "REPORT_ACCURACY", "PRESETS", "DATASETS"]
+__all__ = ["RunConfig", "runs", "build", "REPORT_ACCURACY", "PRESETS", "DATASETS", "HEADS"]
 
 PRESETS = ("report", "paper", "fair")
 DATASETS = ("mnist", "cifar10")
+HEADS = ("softmax", "cosface", "arcface", "adaface")   # the heads the presets use
 EPOCHS = {"mnist": 10, "cifar10": 20}
 REPORT_ACCURACY = {("mnist", "arcface"): 97.86, ("mnist", "adaface"): 99.11,
                    ("cifar10", "arcface"): 62.35, ("cifar10", "adaface"): 68.13}

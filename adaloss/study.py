@@ -80,18 +80,25 @@ def _mean_ci(values) -> dict:
             "ci95": [float(v.mean() - half), float(v.mean() + half)]}
 
 
-def plan(datasets, presets_, seeds: dict, epochs=None) -> list:
+def plan(datasets, presets_, seeds: dict, epochs=None, heads=None) -> list:
     """(run id, config, seed) of every run in the grid, seed by seed within a
     data set, so that an unfinished grid holds whole seeds of every cell (and
-    paired comparisons) rather than all seeds of the first cells."""
+    paired comparisons) rather than all seeds of the first cells. `heads`
+    keeps only the runs of those heads (None: every head of each preset)."""
     from . import presets
 
+    if heads is not None:
+        heads = list(heads)
+        unknown = sorted(set(heads) - set(presets.HEADS))
+        if unknown or not heads:
+            raise ValueError(f"heads: expected some of {presets.HEADS}, got {heads!r}")
     tasks = []
     for dataset in datasets:
         for seed in range(seeds[dataset]):
             for preset in presets_:
                 for config in presets.runs(dataset, preset, epochs):
-                    tasks.append((f"{config.name}-seed{seed}", config, seed))
+                    if heads is None or config.head in heads:
+                        tasks.append((f"{config.name}-seed{seed}", config, seed))
     return tasks
 
 
@@ -134,13 +141,15 @@ def _write(path: Path, record: dict) -> None:
 
 def study(datasets=("mnist",), presets=("report", "paper", "fair"), seeds=None, out="study",
           epochs=None, subset=None, data_root=None, workers=None, threads_per_worker=1,
-          scheduler=None, max_runs=None, progress=True) -> dict:
+          scheduler=None, max_runs=None, progress=True, heads=None) -> dict:
     """Run the grid (skipping finished runs) and write the summary; returns it.
 
     `seeds` is an int or {dataset: n}. `workers` defaults to the number of cores
     divided by `threads_per_worker`. `scheduler` is a Dask distributed address
     (or a dask Client) to send the runs to instead of local processes.
-    `max_runs` stops after that many new runs (the rest wait for a resume)."""
+    `max_runs` stops after that many new runs (the rest wait for a resume).
+    `heads` restricts the grid to those heads (e.g. the fair preset's arcface
+    and adaface first). The summary covers every run in the folder."""
     datasets, presets = list(datasets), list(presets)
     if seeds is None:
         seeds = {"mnist": 5, "cifar10": 3}
@@ -154,7 +163,7 @@ def study(datasets=("mnist",), presets=("report", "paper", "fair"), seeds=None, 
     out = Path(out)
     runs_dir = out / "runs"
     runs_dir.mkdir(parents=True, exist_ok=True)
-    tasks = plan(datasets, presets, seeds, epochs)
+    tasks = plan(datasets, presets, seeds, epochs, heads)
     todo = [t for t in tasks if not (runs_dir / f"{t[0]}.json").exists()]
     done = len(tasks) - len(todo)
     if max_runs is not None:
@@ -179,7 +188,8 @@ def study(datasets=("mnist",), presets=("report", "paper", "fair"), seeds=None, 
     summary = summarize(out, planned=len(tasks))
     summary["command_hint"] = ("adaloss study --datasets " + ",".join(datasets) + " --presets "
                                + ",".join(presets) + " --seeds "
-                               + ",".join(f"{d}={seeds[d]}" for d in datasets))
+                               + ",".join(f"{d}={seeds[d]}" for d in datasets)
+                               + (" --heads " + ",".join(heads) if heads else ""))
     _write(out / "summary.json", summary)
     (out / "summary.md").write_text(summary["table"] + "\n")
     return summary

@@ -29,6 +29,18 @@ def test_plan_goes_seed_by_seed():
     assert [t[2] for t in tasks[:40]] == sorted(t[2] for t in tasks[:40])
 
 
+def test_plan_keeps_only_the_asked_heads():
+    tasks = study.plan(["mnist"], ["fair", "report"], {"mnist": 2}, heads=["arcface", "adaface"])
+    assert [t[0] for t in tasks] == [
+        "mnist-fair-arcface-seed0", "mnist-fair-adaface-seed0",
+        "mnist-report-arcface-seed0", "mnist-report-adaface-seed0",
+        "mnist-fair-arcface-seed1", "mnist-fair-adaface-seed1",
+        "mnist-report-arcface-seed1", "mnist-report-adaface-seed1"]
+    for bad in (["arcfce"], [], ["softmax", "nope"]):
+        with pytest.raises(ValueError, match="heads"):
+            study.plan(["mnist"], ["fair"], {"mnist": 1}, heads=bad)
+
+
 def test_tiny_study_resumes_to_the_same_summary(tmp_path, shared_data):
     kwargs = dict(datasets=["mnist"], presets=["fair"], seeds=2, epochs=1, subset=256,
                   data_root=shared_data, workers=2, progress=False)
