@@ -10,9 +10,10 @@ from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 
 __all__ = ["loss_curve", "comparison", "sample_grid", "margin_distributions",
-           "figures_from_results", "save", "HEAD_LABELS"]
+           "figures_from_results", "study_accuracy", "study_pairs", "save", "HEAD_LABELS"]
 
 HEAD_LABELS = {"adaface": "AdaLoss (AdaFace)", "arcface": "ArcFace", "cosface": "CosFace",
                "softmax": "Softmax"}
@@ -174,6 +175,90 @@ def figures_from_results(results: dict, data=None) -> dict:
                                       title=f"{HEAD_LABELS.get(run['head'], run['head'])}: "
                                             "random test images")
     return figs
+
+
+def _ci_or_none(ci):
+    """A cell's 95 % CI, or None for one seed (NaN in memory, null in JSON)."""
+    if ci is None or any(v is None or not np.isfinite(v) for v in ci):
+        return None
+    return ci
+
+
+def _by_dataset(rows: list) -> dict:
+    groups: dict = {}
+    for row in rows:
+        groups.setdefault(row["dataset"], []).append(row)
+    if not groups:
+        raise ValueError("summary: no finished runs to plot")
+    return groups
+
+
+def study_accuracy(summary: dict, title: str = "Test accuracy over seeds") -> Figure:
+    """One panel per data set, one row per (preset, head) cell of a study
+    summary: each seed's accuracy (dots), the mean with its 95 % CI (bar), the
+    margin-free mean (open diamond, where it differs) and the report's number
+    (red cross) beside the report cells."""
+    groups = _by_dataset(summary["cells"])
+    fig = Figure(figsize=(6.2 * len(groups), 0.42 * max(map(len, groups.values())) + 1.6),
+                 layout="constrained")
+    for i, (dataset, cells) in enumerate(sorted(groups.items(), reverse=True)):
+        ax = fig.add_subplot(1, len(groups), i + 1)
+        for y, c in enumerate(cells):
+            color = COLORS.get(c["head"])
+            ax.scatter(c["accuracies"], [y] * len(c["accuracies"]), s=14, color=color, alpha=0.6)
+            ci = _ci_or_none(c["ci95"])
+            if ci:
+                ax.plot(ci, [y, y], color=color, lw=2.5, alpha=0.8)
+            ax.scatter([c["mean"]], [y], marker="|", s=250, color="k", zorder=3)
+            if abs(c["margin_free_mean"] - c["mean"]) > 0.05:
+                ax.scatter([c["margin_free_mean"]], [y], marker="D", s=30, facecolor="none",
+                           edgecolor=color, zorder=3)
+            if c.get("report"):
+                ax.scatter([c["report"]], [y], marker="x", s=50, color="red", zorder=4)
+        ax.set_yticks(range(len(cells)),
+                      [f"{c['preset']}: {HEAD_LABELS.get(c['head'], c['head'])} ({c['n']})"
+                       for c in cells])
+        ax.invert_yaxis()
+        ax.set_xlabel("test accuracy % (dots: seeds; bar: 95 % CI; |: mean)")
+        ax.set_title(f"{dataset}")
+        ax.grid(alpha=0.3, axis="x")
+    handles = [Line2D([], [], ls="none", marker="D", markerfacecolor="none", color="k"),
+               Line2D([], [], ls="none", marker="x", color="red")]
+    fig.legend(handles, ["margin-free mean", "the report's number"], loc="outside lower center",
+               ncols=2, fontsize=8)
+    fig.suptitle(title)
+    return fig
+
+
+def study_pairs(summary: dict, title: str = "Paired differences (same seed, same start)") -> Figure:
+    """One panel per data set, one row per pair of heads of a preset: the
+    per-seed differences in points (dots), their mean and 95 % CI, the line at
+    zero, and the Wilcoxon p-value."""
+    rows = [p for p in summary["pairs"] if p.get("diffs")]
+    groups = _by_dataset(rows)
+    fig = Figure(figsize=(6.2 * len(groups), 0.5 * max(map(len, groups.values())) + 1.4),
+                 layout="constrained")
+    for i, (dataset, pairs) in enumerate(sorted(groups.items(), reverse=True)):
+        ax = fig.add_subplot(1, len(groups), i + 1)
+        for y, p in enumerate(pairs):
+            ax.scatter(p["diffs"], [y] * len(p["diffs"]), s=14, color=COLORS.get(p["a"]),
+                       alpha=0.6)
+            ci = _ci_or_none(p["ci95"])
+            if ci:
+                ax.plot(ci, [y, y], color=COLORS.get(p["a"]), lw=2.5, alpha=0.8)
+            ax.scatter([p["mean_diff"]], [y], marker="|", s=250, color="k", zorder=3)
+            ax.annotate(f"p = {p['wilcoxon_p']:.2f}", (1.0, y), xycoords=("axes fraction", "data"),
+                        xytext=(4, -3), textcoords="offset points", fontsize=8)
+        ax.axvline(0, color="k", lw=0.8)
+        ax.set_yticks(range(len(pairs)), [f"{p['preset']}: {HEAD_LABELS.get(p['a'], p['a'])} − "
+                                          f"{HEAD_LABELS.get(p['b'], p['b'])} ({p['n']})"
+                                          for p in pairs])
+        ax.invert_yaxis()
+        ax.set_xlabel("difference in test accuracy (points)")
+        ax.set_title(dataset)
+        ax.grid(alpha=0.3, axis="x")
+    fig.suptitle(title)
+    return fig
 
 
 def save(fig: Figure, path) -> Path:

@@ -6,7 +6,8 @@ or on a Dask cluster, resumable, with a statistical summary.
 
 Each finished run is one small JSON file in ``<out>/runs/`` (never weights);
 runs already there are skipped, so an interrupted study resumes where it
-stopped. ``<out>/summary.json`` and ``<out>/summary.md`` hold per cell the mean,
+stopped. ``<out>/summary.json`` and ``<out>/summary.md`` (with the figures
+``accuracy.png`` and ``pairs.png``) hold per cell the mean,
 standard deviation and 95 % confidence interval over seeds, and paired
 comparisons between heads that share seeds (hence initial networks, for the
 fair preset): the mean difference, its 95 % CI and an exact Wilcoxon
@@ -27,7 +28,8 @@ import numpy as np
 
 from . import __version__
 
-__all__ = ["study", "plan", "summarize", "wilcoxon_signed_rank", "t_quantile_975"]
+__all__ = ["study", "plan", "summarize", "write_summary", "wilcoxon_signed_rank",
+           "t_quantile_975"]
 
 # two-sided 95 % quantiles of Student's t, df 1..30 (then the normal's 1.96)
 _T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
@@ -133,10 +135,35 @@ def run_task(config_dict: dict, seed: int, data_root, subset, threads: int) -> d
     return record
 
 
+def _json_safe(value):
+    """NaN (the CI of a single seed) as null, so the files are standard JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
 def _write(path: Path, record: dict) -> None:
     from .checkpoint import atomic_write
 
-    atomic_write(path, json.dumps(record, indent=1).encode())
+    atomic_write(path, json.dumps(_json_safe(record), indent=1, allow_nan=False).encode())
+
+
+def write_summary(out, summary: dict) -> None:
+    """summary.json, summary.md and the two figures (accuracy.png, pairs.png)."""
+    from . import plots
+    from .checkpoint import atomic_write
+
+    out = Path(out)
+    _write(out / "summary.json", summary)
+    atomic_write(out / "summary.md", (summary["table"] + "\n").encode())
+    if summary["cells"]:
+        plots.save(plots.study_accuracy(summary), out / "accuracy.png")
+    if any(p["diffs"] for p in summary["pairs"]):
+        plots.save(plots.study_pairs(summary), out / "pairs.png")
 
 
 def study(datasets=("mnist",), presets=("report", "paper", "fair"), seeds=None, out="study",
@@ -190,8 +217,7 @@ def study(datasets=("mnist",), presets=("report", "paper", "fair"), seeds=None, 
                                + ",".join(presets) + " --seeds "
                                + ",".join(f"{d}={seeds[d]}" for d in datasets)
                                + (" --heads " + ",".join(heads) if heads else ""))
-    _write(out / "summary.json", summary)
-    (out / "summary.md").write_text(summary["table"] + "\n")
+    write_summary(out, summary)
     return summary
 
 
@@ -246,7 +272,8 @@ def summarize(out, planned: int | None = None) -> dict:
             stats = _mean_ci(diffs)
             pairs.append({"dataset": dataset, "preset": preset, "a": a["head"], "b": b["head"],
                           "n": len(common), "mean_diff": stats["mean"], "ci95": stats["ci95"],
-                          "wilcoxon_p": wilcoxon_signed_rank(diffs)})
+                          "wilcoxon_p": wilcoxon_signed_rank(diffs), "seeds": common,
+                          "diffs": diffs})
     cpu_seconds = sum(r["wall_seconds"] * r.get("threads", 1) for r in runs)
     return {"adaloss_version": __version__, "created": time.strftime("%Y-%m-%d %H:%M"),
             "cells": cell_rows, "pairs": pairs, "runs": len(runs), "runs_planned": planned,

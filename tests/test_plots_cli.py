@@ -55,6 +55,38 @@ def test_margin_distributions(rng):
     assert "θ_y" in fig.axes[0].get_xlabel() and "q" in fig.axes[1].get_xlabel()
 
 
+def test_study_figures_draw_every_seed_and_the_report():
+    cells = [{"dataset": "mnist", "preset": "report", "head": "arcface", "n": 3,
+              "accuracies": [97.7, 97.9, 98.0], "mean": 97.87, "ci95": [97.5, 98.2],
+              "margin_free_mean": 99.0, "report": 97.86},
+             {"dataset": "mnist", "preset": "report", "head": "adaface", "n": 3,
+              "accuracies": [99.0, 99.1, 98.9], "mean": 99.0, "ci95": [98.75, 99.25],
+              "margin_free_mean": 99.0, "report": 99.11},
+             {"dataset": "cifar10", "preset": "fair", "head": "adaface", "n": 1,
+              "accuracies": [70.0], "mean": 70.0, "ci95": [None, None],
+              "margin_free_mean": 70.0, "report": None}]
+    pairs = [{"dataset": "mnist", "preset": "report", "a": "adaface", "b": "arcface", "n": 3,
+              "diffs": [1.3, 1.2, 0.9], "mean_diff": 1.13, "ci95": [0.6, 1.6],
+              "wilcoxon_p": 0.25}]
+    fig = plots.study_accuracy({"cells": cells, "pairs": pairs})
+    mnist, cifar = fig.axes
+    assert mnist.get_title() == "mnist" and cifar.get_title() == "cifar10"
+    offsets = np.concatenate([c.get_offsets() for c in mnist.collections])
+    for x in (97.7, 97.9, 98.0, 99.0, 99.1, 98.9, 97.86, 99.11):   # seeds and report numbers
+        assert np.isclose(offsets[:, 0], x).any(), x
+    assert np.isclose(offsets[:, 0], 99.0).sum() >= 3   # ArcFace's margin-free mean drawn too
+    assert [line.get_xdata().tolist() for line in mnist.get_lines()] == [[97.5, 98.2],
+                                                                         [98.75, 99.25]]
+    assert cifar.get_lines() == []          # one seed: no CI bar
+    assert "AdaLoss (AdaFace) (3)" in [t.get_text() for t in mnist.get_yticklabels()][1]
+    fig = plots.study_pairs({"cells": cells, "pairs": pairs})
+    (ax,) = fig.axes
+    assert np.isclose(ax.collections[0].get_offsets()[:, 0], [1.3, 1.2, 0.9]).all()
+    assert [t.get_text() for t in ax.texts] == ["p = 0.25"]
+    with pytest.raises(ValueError, match="summary"):
+        plots.study_pairs({"cells": cells, "pairs": []})
+
+
 def test_cli_reproduce_end_to_end(tmp_path, shared_data):
     out = tmp_path / "res"
     cmd = [sys.executable, "-m", "adaloss", "reproduce", "--dataset", "mnist", "--preset",

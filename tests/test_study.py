@@ -65,6 +65,15 @@ def test_tiny_study_resumes_to_the_same_summary(tmp_path, shared_data):
     text = (tmp_path / "a" / "summary.md").read_text()
     assert text.startswith("| data set |") and "Unfinished" not in text
     assert straight["cpu_hours"] > 0
+    # strict JSON (no NaN), per-seed differences kept, the two figures written
+    saved = json.loads((tmp_path / "a" / "summary.json").read_text(),
+                       parse_constant=lambda c: pytest.fail(f"summary.json holds {c}"))
+    pair = saved["pairs"][0]
+    acc = {c["head"]: dict(zip(c["seeds"], c["accuracies"])) for c in saved["cells"]}
+    assert pair["seeds"] == [0, 1] and pair["diffs"] == pytest.approx(
+        [acc[pair["a"]][s] - acc[pair["b"]][s] for s in (0, 1)])
+    for name in ("accuracy.png", "pairs.png"):
+        assert (tmp_path / "a" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_study_on_a_dask_local_cluster(tmp_path, shared_data):
@@ -76,3 +85,6 @@ def test_study_on_a_dask_local_cluster(tmp_path, shared_data):
                               scheduler=cluster.scheduler_address, progress=False)
     assert summary["runs"] == 2
     assert all(0 <= c["mean"] <= 100 for c in summary["cells"])
+    # one seed per cell: no CI, stored as null rather than NaN
+    saved = json.loads((tmp_path / "d" / "summary.json").read_text())
+    assert all(c["ci95"] == [None, None] for c in saved["cells"])
