@@ -12,13 +12,17 @@ void ada_relu_forward(float *out, const float *inp, size_t n)
     for (size_t i = 0; i < n; i++) out[i] = inp[i] > 0.0f ? inp[i] : 0.0f;
 }
 
-/* d relu(x)/dx = [x > 0], read from the output (PyTorch's threshold_backward) */
+#define ADA_RELU_CHUNK 16384
+
+/* ada_relu_mask over the threads, in chunks (one call when n is small) */
 void ada_relu_backward(float *dinp, const float *dout, const float *out, size_t n)
 {
+    size_t chunks = (n + ADA_RELU_CHUNK - 1) / ADA_RELU_CHUNK;
     #pragma omp parallel for schedule(static) if (n > ADA_PARALLEL_MIN)
-    for (size_t i = 0; i < n; i++) {
-        float d = dout[i];   /* loaded unconditionally, so the loop vectorises */
-        dinp[i] = out[i] > 0.0f ? d : 0.0f;
+    for (size_t c = 0; c < chunks; c++) {
+        size_t start = c * ADA_RELU_CHUNK;
+        size_t len = n - start < ADA_RELU_CHUNK ? n - start : ADA_RELU_CHUNK;
+        ada_relu_mask(dinp + start, dout + start, out + start, len);
     }
 }
 

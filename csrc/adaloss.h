@@ -94,6 +94,18 @@ void ada_linear_backward(float *dinp, float *dweight, float *dbias,
 /* ----------------------------------------------------------- activations */
 void ada_relu_forward(float *out, const float *inp, size_t n);
 void ada_relu_backward(float *dinp, const float *dout, const float *out, size_t n);
+/* d relu(x)/dx = [x > 0], read from the ReLU's output (PyTorch's
+ * threshold_backward): dst[i] = src[i] where relu_out[i] > 0, else 0. dst may
+ * be src (in place), never relu_out. src is loaded unconditionally so the loop
+ * vectorises. Shared by the ReLU layer and the fused ReLU of conv and linear. */
+static inline void ada_relu_mask(float *dst, const float *src, const float *restrict relu_out,
+                                 size_t n)
+{
+    for (size_t i = 0; i < n; i++) {
+        float s = src[i];
+        dst[i] = relu_out[i] > 0.0f ? s : 0.0f;
+    }
+}
 /* Row-wise x / max(||x||, 1e-12), as torch.nn.functional.normalize.
  * inp (N, D), out (N, D), norms (N) caches ||x||. */
 void ada_l2norm_forward(float *out, float *norms, const float *inp, int N, int D);

@@ -132,23 +132,6 @@ static void col2im(float *restrict dinp, float *restrict dxp, const float *restr
                        dxp + ((size_t)c * Hp + h + g->pad) * Wp + g->pad, sizeof(float) * g->W);
 }
 
-/* dst = src where relu_out > 0, else 0 (d relu / dx) */
-static void relu_mask_copy(float *restrict dst, const float *restrict src,
-                           const float *restrict relu_out, size_t n)
-{
-    for (size_t i = 0; i < n; i++) {
-        float s = src[i];
-        dst[i] = relu_out[i] > 0.0f ? s : 0.0f;
-    }
-}
-
-static void relu_mask_inplace(float *restrict d, const float *restrict relu_out, size_t n)
-{
-    for (size_t i = 0; i < n; i++) {
-        float s = d[i];
-        d[i] = relu_out[i] > 0.0f ? s : 0.0f;
-    }
-}
 
 /* a sum in a fixed order the compiler can vectorise: 8 running partial sums */
 static float sum8(const float *x, size_t n)
@@ -261,10 +244,8 @@ void ada_conv2d_backward(float *dinp, float *dweight, float *dbias, float *works
                 for (int oc = 0; oc < OC; oc++) {
                     const float *s_row = src + (size_t)oc * g.OHW;
                     float *d_row = dy + (size_t)oc * cols + (size_t)j * g.OHW;
-                    if (y && d_row == s_row)
-                        relu_mask_inplace(d_row, y + (size_t)oc * g.OHW, g.OHW);
-                    else if (y)
-                        relu_mask_copy(d_row, s_row, y + (size_t)oc * g.OHW, g.OHW);
+                    if (y)   /* in place when d_row == s_row */
+                        ada_relu_mask(d_row, s_row, y + (size_t)oc * g.OHW, g.OHW);
                     else if (d_row != s_row)
                         memcpy(d_row, s_row, sizeof(float) * g.OHW);
                     db[oc] += sum8(d_row, g.OHW);

@@ -25,13 +25,7 @@ void ada_linear_backward(float *dinp, float *dweight, float *dbias,
                          const float *weight,
                          int N, int in_features, int out_features)
 {
-    if (out) {
-        size_t total = (size_t)N * out_features;
-        for (size_t i = 0; i < total; i++) {
-            float d = dout[i];
-            dout[i] = out[i] > 0.0f ? d : 0.0f;
-        }
-    }
+    if (out) ada_relu_mask(dout, dout, out, (size_t)N * out_features);
     for (int n = 0; n < N; n++) {
         const float *dy = dout + (size_t)n * out_features;
         for (int o = 0; o < out_features; o++) dbias[o] += dy[o];
