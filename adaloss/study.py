@@ -187,10 +187,10 @@ def study(datasets=("mnist",), presets=("report", "paper", "fair"), seeds=None, 
         raise ValueError(f"seeds: no seed count for {missing}")
     if not isinstance(threads_per_worker, int) or threads_per_worker < 1:
         raise ValueError(f"threads_per_worker: expected a positive int, got {threads_per_worker!r}")
+    tasks = plan(datasets, presets, seeds, epochs, heads)   # checks the arguments first
     out = Path(out)
     runs_dir = out / "runs"
     runs_dir.mkdir(parents=True, exist_ok=True)
-    tasks = plan(datasets, presets, seeds, epochs, heads)
     todo = [t for t in tasks if not (runs_dir / f"{t[0]}.json").exists()]
     done = len(tasks) - len(todo)
     if max_runs is not None:

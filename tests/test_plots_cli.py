@@ -118,3 +118,12 @@ def test_cli_help_documents_every_option(tmp_path):
     run = subprocess.run([sys.executable, "-m", "adaloss", "reproduce", "--dataset", "mnist",
                           "--epochs", "0"], capture_output=True, text=True, cwd=tmp_path)
     assert run.returncode == 2 and "positive integer" in run.stderr
+    study_help = cli.parser()._subparsers._group_actions[0].choices["study"].format_help()
+    for opt in ("--datasets", "--presets", "--heads", "--seeds", "--out", "--workers",
+                "--threads-per-worker", "--scheduler", "--max-runs"):
+        assert opt in study_help
+    run = subprocess.run([sys.executable, "-m", "adaloss", "study", "--heads", "arcfce",
+                          "--out", str(tmp_path / "st")], capture_output=True, text=True,
+                         cwd=tmp_path)
+    assert run.returncode == 2 and "heads: expected some of" in run.stderr
+    assert not (tmp_path / "st").exists()      # nothing written for a bad grid
