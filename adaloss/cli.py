@@ -93,8 +93,8 @@ def parser() -> argparse.ArgumentParser:
     st.add_argument("--scheduler", default=None, metavar="ADDRESS",
                     help="send the runs to this Dask distributed scheduler instead")
     st.add_argument("--max-runs", type=_non_negative, default=None,
-                    help="stop after this many new runs (resume later); 0 only writes the "
-                         "summary of the runs finished so far")
+                    help="stop after this many new runs (resume later); 0 trains nothing and "
+                         "only writes the summary of the runs finished so far")
     pl = sub.add_parser("plot", help="make the figures again from a results folder",
                         description="Make the figures of a results folder again from its "
                                     "results.json (the sample grid needs the data set).")

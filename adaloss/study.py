@@ -6,7 +6,8 @@ or on a Dask cluster, resumable, with a statistical summary.
 
 Each finished run is one small JSON file in ``<out>/runs/`` (never weights);
 runs already there are skipped, so an interrupted study resumes where it
-stopped. ``<out>/summary.json`` and ``<out>/summary.md`` (with the figures
+stopped; cells that make the very same run (the paper and fair AdaFace runs)
+are trained once and share the record. ``<out>/summary.json`` and ``<out>/summary.md`` (with the figures
 ``accuracy.png`` and ``pairs.png``) hold per cell the mean,
 standard deviation and 95 % confidence interval over seeds, and paired
 comparisons between heads that share seeds (hence initial networks, for the
@@ -135,6 +136,23 @@ def run_task(config_dict: dict, seed: int, data_root, subset, threads: int) -> d
     return record
 
 
+def _same_run_key(config, seed: int) -> str:
+    """Equal for two cells of the grid that make the very same run: the whole
+    configuration but the preset's name (and its report number and notes)."""
+    fields = config.to_dict()
+    for name in ("preset", "report_accuracy", "notes"):
+        fields.pop(name, None)
+    return json.dumps([fields, seed], sort_keys=True)
+
+
+def _twin(record: dict, config) -> dict:
+    """The record of an identical run, filed under another cell."""
+    twin = dict(record, name=config.name, preset=config.preset,
+                same_run_as=record.get("same_run_as") or f"{record['name']}-seed{record['seed']}")
+    twin["config"] = config.to_dict()
+    return twin
+
+
 def _json_safe(value):
     """NaN (the CI of a single seed) as null, so the files are standard JSON."""
     if isinstance(value, float) and not math.isfinite(value):
@@ -191,27 +209,61 @@ def study(datasets=("mnist",), presets=("report", "paper", "fair"), seeds=None, 
     out = Path(out)
     runs_dir = out / "runs"
     runs_dir.mkdir(parents=True, exist_ok=True)
-    todo = [t for t in tasks if not (runs_dir / f"{t[0]}.json").exists()]
+    # Cells that make the very same run (the paper and fair AdaFace runs: same
+    # network, head, optimizer and seed) are trained once; the other cell gets a
+    # copy of the record marked "same_run_as".
+    key = {rid: _same_run_key(c, seed) for rid, c, seed in tasks}
+    finished = {}
+    for rid, _, _ in tasks:
+        path = runs_dir / f"{rid}.json"
+        if path.exists():
+            record = json.loads(path.read_text())
+            if record.get("subset") == subset and record.get("threads") == threads_per_worker:
+                finished.setdefault(key[rid], record)
+    configs = {rid: c for rid, c, _ in tasks}
+    todo, copied = [], 0
+    for task in tasks:
+        rid = task[0]
+        if (runs_dir / f"{rid}.json").exists():
+            continue
+        if key[rid] in finished:
+            _write(runs_dir / f"{rid}.json", _twin(finished[key[rid]], configs[rid]))
+            copied += 1
+        else:
+            todo.append(task)
     done = len(tasks) - len(todo)
+    first, twins = [], {}
+    for task in todo:
+        if key[task[0]] in twins:
+            twins[key[task[0]]].append(task[0])
+        else:
+            twins[key[task[0]]] = []
+            first.append(task)
     if max_runs is not None:
-        todo = todo[:max_runs]
+        first = first[:max_runs]
     if progress:
-        print(f"study: {len(tasks)} runs, {done} already done, {len(todo)} to run now",
-              flush=True)
+        print(f"study: {len(tasks)} runs, {done} already done"
+              + (f" ({copied} of them copied from an identical run)" if copied else "")
+              + f", {len(first)} to run now", flush=True)
+
+    def finish(rid: str, record: dict) -> None:
+        _write(runs_dir / f"{rid}.json", record)
+        for twin in twins[key[rid]]:
+            _write(runs_dir / f"{twin}.json", _twin(record, configs[twin]))
+        if progress:
+            print(f"  done {rid}" + "".join(f" (and {t})" for t in twins[key[rid]]), flush=True)
+
     args = [(rid, (c.to_dict(), seed, str(data_root) if data_root else None, subset,
-                   threads_per_worker)) for rid, c, seed in todo]
+                   threads_per_worker)) for rid, c, seed in first]
     if scheduler is not None:
-        _run_dask(scheduler, args, runs_dir, progress)
-    elif todo:
+        _run_dask(scheduler, args, finish)
+    elif first:
         workers = workers or max(1, (os.cpu_count() or 1) // threads_per_worker)
         ctx = multiprocessing.get_context("spawn")  # OpenMP state does not survive fork
-        with ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=ctx) as pool:
+        with ProcessPoolExecutor(max_workers=min(workers, len(first)), mp_context=ctx) as pool:
             futures = {pool.submit(run_task, *a): rid for rid, a in args}
             for fut in as_completed(futures):
-                rid = futures[fut]
-                _write(runs_dir / f"{rid}.json", fut.result())
-                if progress:
-                    print(f"  done {rid}", flush=True)
+                finish(futures[fut], fut.result())
     summary = summarize(out, planned=len(tasks))
     summary["command_hint"] = ("adaloss study --datasets " + ",".join(datasets) + " --presets "
                                + ",".join(presets) + " --seeds "
@@ -221,7 +273,7 @@ def study(datasets=("mnist",), presets=("report", "paper", "fair"), seeds=None, 
     return summary
 
 
-def _run_dask(scheduler, args, runs_dir: Path, progress: bool) -> None:
+def _run_dask(scheduler, args, finish) -> None:
     try:
         from dask.distributed import Client, as_completed as dask_completed
     except ImportError as exc:
@@ -231,10 +283,7 @@ def _run_dask(scheduler, args, runs_dir: Path, progress: bool) -> None:
         futures = {client.submit(run_task, *a, key=f"adaloss-{rid}", pure=False): rid
                    for rid, a in args}
         for fut in dask_completed(list(futures)):
-            rid = futures[fut]
-            _write(runs_dir / f"{rid}.json", fut.result())
-            if progress:
-                print(f"  done {rid}", flush=True)
+            finish(futures[fut], fut.result())
     finally:
         if client is not scheduler:
             client.close()
@@ -274,7 +323,8 @@ def summarize(out, planned: int | None = None) -> dict:
                           "n": len(common), "mean_diff": stats["mean"], "ci95": stats["ci95"],
                           "wilcoxon_p": wilcoxon_signed_rank(diffs), "seeds": common,
                           "diffs": diffs})
-    cpu_seconds = sum(r["wall_seconds"] * r.get("threads", 1) for r in runs)
+    cpu_seconds = sum(r["wall_seconds"] * r.get("threads", 1) for r in runs
+                      if "same_run_as" not in r)   # a copied run took no time
     return {"adaloss_version": __version__, "created": time.strftime("%Y-%m-%d %H:%M"),
             "cells": cell_rows, "pairs": pairs, "runs": len(runs), "runs_planned": planned,
             "cpu_hours": cpu_seconds / 3600,

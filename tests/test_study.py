@@ -76,6 +76,29 @@ def test_tiny_study_resumes_to_the_same_summary(tmp_path, shared_data):
         assert (tmp_path / "a" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_identical_cells_are_trained_once(tmp_path, shared_data, capsys):
+    # the paper and fair AdaFace runs are the same network, head, optimizer and seed
+    kwargs = dict(datasets=["mnist"], presets=["paper", "fair"], heads=["adaface"], seeds=1,
+                  epochs=1, subset=128, data_root=shared_data, workers=1, out=tmp_path)
+    summary = study.study(**kwargs)
+    assert "2 runs, 0 already done, 1 to run now" in capsys.readouterr().out
+    runs = tmp_path / "runs"
+    paper = json.loads((runs / "mnist-paper-adaface-seed0.json").read_text())
+    fair = json.loads((runs / "mnist-fair-adaface-seed0.json").read_text())
+    assert "same_run_as" not in paper and fair["same_run_as"] == "mnist-paper-adaface-seed0"
+    assert fair["preset"] == fair["config"]["preset"] == "fair" and fair["name"] == "mnist-fair-adaface"
+    for field in ("history", "test_accuracy", "theta_hist", "sample_predictions", "wall_seconds"):
+        assert fair[field] == paper[field]
+    assert summary["runs"] == 2
+    assert summary["cpu_hours"] == pytest.approx(paper["wall_seconds"] / 3600)   # counted once
+    # a resume copies a missing twin from the finished run without training
+    (runs / "mnist-fair-adaface-seed0.json").unlink()
+    study.study(max_runs=0, **kwargs)
+    assert "(1 of them copied from an identical run), 0 to run now" in capsys.readouterr().out
+    assert json.loads((runs / "mnist-fair-adaface-seed0.json").read_text())["history"] == \
+        paper["history"]
+
+
 def test_study_on_a_dask_local_cluster(tmp_path, shared_data):
     distributed = pytest.importorskip("dask.distributed")
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
