@@ -7,9 +7,10 @@ or on a Dask cluster, resumable, with a statistical summary.
 Each finished run is one small JSON file in ``<out>/runs/`` (never weights);
 runs already there are skipped, so an interrupted study resumes where it
 stopped; cells that make the very same run (the paper and fair AdaFace runs)
-are trained once and share the record. ``<out>/summary.json`` and ``<out>/summary.md`` (with the figures
-``accuracy.png`` and ``pairs.png``) hold per cell the mean,
-standard deviation and 95 % confidence interval over seeds, and paired
+are trained once and share the record. ``<out>/summary.json`` and
+``<out>/summary.md`` (with the figures ``accuracy.png`` and ``pairs.png``)
+hold per cell the mean, standard deviation and 95 % confidence interval over
+seeds, and paired
 comparisons between heads that share seeds (hence initial networks, for the
 fair preset): the mean difference, its 95 % CI and an exact Wilcoxon
 signed-rank p-value.
