@@ -214,18 +214,17 @@ def study(datasets=("mnist",), presets=("report", "paper", "fair"), seeds=None, 
     # network, head, optimizer and seed) are trained once; the other cell gets a
     # copy of the record marked "same_run_as".
     key = {rid: _same_run_key(c, seed) for rid, c, seed in tasks}
+    present = {rid for rid, _, _ in tasks if (runs_dir / f"{rid}.json").exists()}
     finished = {}
-    for rid, _, _ in tasks:
-        path = runs_dir / f"{rid}.json"
-        if path.exists():
-            record = json.loads(path.read_text())
-            if record.get("subset") == subset and record.get("threads") == threads_per_worker:
-                finished.setdefault(key[rid], record)
+    for rid in present:
+        record = json.loads((runs_dir / f"{rid}.json").read_text())
+        if record.get("subset") == subset and record.get("threads") == threads_per_worker:
+            finished.setdefault(key[rid], record)
     configs = {rid: c for rid, c, _ in tasks}
     todo, copied = [], 0
     for task in tasks:
         rid = task[0]
-        if (runs_dir / f"{rid}.json").exists():
+        if rid in present:
             continue
         if key[rid] in finished:
             _write(runs_dir / f"{rid}.json", _twin(finished[key[rid]], configs[rid]))
