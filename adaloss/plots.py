@@ -12,6 +12,8 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
+from .study import ci_or_none
+
 __all__ = ["loss_curve", "comparison", "sample_grid", "margin_distributions",
            "figures_from_results", "study_accuracy", "study_pairs", "save", "HEAD_LABELS"]
 
@@ -177,13 +179,6 @@ def figures_from_results(results: dict, data=None) -> dict:
     return figs
 
 
-def _ci_or_none(ci):
-    """A cell's 95 % CI, or None for one seed (NaN in memory, null in JSON)."""
-    if ci is None or any(v is None or not np.isfinite(v) for v in ci):
-        return None
-    return ci
-
-
 def _by_dataset(rows: list) -> dict:
     groups: dict = {}
     for row in rows:
@@ -206,7 +201,7 @@ def study_accuracy(summary: dict, title: str = "Test accuracy over seeds") -> Fi
         for y, c in enumerate(cells):
             color = COLORS.get(c["head"])
             ax.scatter(c["accuracies"], [y] * len(c["accuracies"]), s=14, color=color, alpha=0.6)
-            ci = _ci_or_none(c["ci95"])
+            ci = ci_or_none(c["ci95"])
             if ci:
                 ax.plot(ci, [y, y], color=color, lw=2.5, alpha=0.8)
             ax.scatter([c["mean"]], [y], marker="|", s=250, color="k", zorder=3)
@@ -243,7 +238,7 @@ def study_pairs(summary: dict, title: str = "Paired differences (same seed, same
         for y, p in enumerate(pairs):
             ax.scatter(p["diffs"], [y] * len(p["diffs"]), s=14, color=COLORS.get(p["a"]),
                        alpha=0.6)
-            ci = _ci_or_none(p["ci95"])
+            ci = ci_or_none(p["ci95"])
             if ci:
                 ax.plot(ci, [y, y], color=COLORS.get(p["a"]), lw=2.5, alpha=0.8)
             ax.scatter([p["mean_diff"]], [y], marker="|", s=250, color="k", zorder=3)

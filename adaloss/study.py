@@ -31,7 +31,7 @@ import numpy as np
 from . import __version__
 
 __all__ = ["study", "plan", "summarize", "write_summary", "wilcoxon_signed_rank",
-           "t_quantile_975"]
+           "t_quantile_975", "ci_or_none"]
 
 # two-sided 95 % quantiles of Student's t, df 1..30 (then the normal's 1.96)
 _T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
@@ -331,8 +331,17 @@ def summarize(out, planned: int | None = None) -> dict:
             "table": _table(cell_rows, pairs, cpu_seconds, len(runs), planned)}
 
 
+def ci_or_none(ci):
+    """A 95 % CI of a summary row as a (low, high) tuple, or None where there is
+    none: one seed gives NaN in memory and null in summary.json."""
+    if ci is None or any(v is None or not math.isfinite(v) for v in ci):
+        return None
+    return tuple(ci)
+
+
 def _fmt_ci(ci) -> str:
-    return "–" if any(math.isnan(v) for v in ci) else f"[{ci[0]:.2f}, {ci[1]:.2f}]"
+    ci = ci_or_none(ci)
+    return "–" if ci is None else f"[{ci[0]:.2f}, {ci[1]:.2f}]"
 
 
 def _table(cells, pairs, cpu_seconds, done: int, planned: int | None) -> str:

@@ -17,6 +17,23 @@ def test_wilcoxon_and_t():
     assert study.t_quantile_975(4) == 2.776 and study.t_quantile_975(100) == 1.96
 
 
+def test_ci_or_none_reads_memory_and_json_alike(tmp_path):
+    # one seed: NaN in memory, null in summary.json; both mean "no CI"
+    assert study.ci_or_none([math.nan, math.nan]) is None
+    assert study.ci_or_none([None, None]) is None
+    assert study.ci_or_none(None) is None
+    assert study.ci_or_none([0.5, math.inf]) is None
+    assert study.ci_or_none([-0.12, 0.14]) == (-0.12, 0.14)
+    (tmp_path / "runs").mkdir()
+    for head, acc in (("arcface", 0.990), ("adaface", 0.991)):
+        (tmp_path / "runs" / f"{head}.json").write_text(json.dumps(
+            {"dataset": "mnist", "preset": "fair", "head": head, "seed": 0, "test_accuracy": acc,
+             "test_accuracy_plain": acc, "wall_seconds": 1.0}))
+    one = study.summarize(tmp_path)
+    assert study.ci_or_none(one["cells"][0]["ci95"]) is None
+    assert "–" in one["table"]
+
+
 def test_plan_goes_seed_by_seed():
     tasks = study.plan(["mnist", "cifar10"], ["report", "paper", "fair"],
                        {"mnist": 5, "cifar10": 3})
