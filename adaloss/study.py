@@ -178,7 +178,10 @@ def write_summary(out, summary: dict) -> None:
 
     out = Path(out)
     _write(out / "summary.json", summary)
-    atomic_write(out / "summary.md", (summary["table"] + "\n").encode())
+    footer = (f"\nMade by adaloss {summary['adaloss_version']} on {summary['created']}"
+              + (f" with `{summary['command_hint']}`." if summary.get("command_hint") else ".")
+              + "\n")
+    atomic_write(out / "summary.md", (summary["table"] + "\n" + footer).encode())
     if summary["cells"]:
         plots.save(plots.study_accuracy(summary), out / "accuracy.png")
     if any(p["diffs"] for p in summary["pairs"]):
@@ -268,7 +271,9 @@ def study(datasets=("mnist",), presets=("report", "paper", "fair"), seeds=None, 
     summary["command_hint"] = ("adaloss study --datasets " + ",".join(datasets) + " --presets "
                                + ",".join(presets) + " --seeds "
                                + ",".join(f"{d}={seeds[d]}" for d in datasets)
-                               + (" --heads " + ",".join(heads) if heads else ""))
+                               + (" --heads " + ",".join(heads) if heads else "")
+                               + (f" --epochs {epochs}" if epochs else "")
+                               + (f" --subset {subset}" if subset else ""))
     write_summary(out, summary)
     return summary
 

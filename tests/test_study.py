@@ -6,6 +6,7 @@ import math
 import numpy as np
 import pytest
 
+import adaloss
 from adaloss import study
 
 
@@ -81,6 +82,8 @@ def test_tiny_study_resumes_to_the_same_summary(tmp_path, shared_data):
     assert run["history"]["epochs"] == [1] and run["subset"] == 256
     text = (tmp_path / "a" / "summary.md").read_text()
     assert text.startswith("| data set |") and "Unfinished" not in text
+    assert (f"Made by adaloss {adaloss.__version__} on " in text and "with `adaloss study "
+            "--datasets mnist --presets fair --seeds mnist=2 --epochs 1 --subset 256`." in text)
     assert straight["cpu_hours"] > 0
     # strict JSON (no NaN), per-seed differences kept, the two figures written
     saved = json.loads((tmp_path / "a" / "summary.json").read_text(),
