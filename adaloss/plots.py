@@ -11,11 +11,13 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+from matplotlib.ticker import MaxNLocator
 
 from .study import ci_or_none
 
 __all__ = ["loss_curve", "comparison", "sample_grid", "margin_distributions",
-           "figures_from_results", "study_accuracy", "study_pairs", "save", "HEAD_LABELS"]
+           "figures_from_results", "study_accuracy", "study_pairs", "study_curves", "save",
+           "HEAD_LABELS"]
 
 HEAD_LABELS = {"adaface": "AdaLoss (AdaFace)", "arcface": "ArcFace", "cosface": "CosFace",
                "softmax": "Softmax"}
@@ -252,6 +254,45 @@ def study_pairs(summary: dict, title: str = "Paired differences (same seed, same
         ax.set_xlabel("difference in test accuracy (points)")
         ax.set_title(dataset)
         ax.grid(alpha=0.3, axis="x")
+    fig.suptitle(title)
+    return fig
+
+
+def study_curves(records: list, title: str = "Per epoch, every run (test accuracy by each "
+                 "preset's rule: the report's ArcFace with its margin)") -> Figure:
+    """One row per (data set, preset) of a study's run records: the test accuracy
+    (the preset's own rule) and the training loss (log scale) after each epoch,
+    one line per run, coloured by head. Shows what a final number hides: a head
+    whose accuracy peaks early and sinks, or whose loss stalls."""
+    groups: dict = {}
+    for r in records:
+        groups.setdefault((r["dataset"], r["preset"]), []).append(r)
+    if not groups:
+        raise ValueError("records: expected at least one run")
+    fig = Figure(figsize=(11, 2.8 * len(groups) + 0.6), layout="constrained")
+    order = sorted(groups, key=lambda k: (k[0] != "mnist", k))
+    for row, key in enumerate(order):
+        acc_ax = fig.add_subplot(len(groups), 2, 2 * row + 1)
+        loss_ax = fig.add_subplot(len(groups), 2, 2 * row + 2)
+        heads = []
+        for r in sorted(groups[key], key=lambda r: (r["head"], r["seed"])):
+            hist, color = r["history"], COLORS.get(r["head"])
+            epochs = np.asarray(hist["epochs"])
+            label = None if r["head"] in heads else HEAD_LABELS.get(r["head"], r["head"])
+            heads.append(r["head"])
+            acc_ax.plot(epochs, 100 * np.asarray(hist["test_accuracy"], float), color=color,
+                        alpha=0.8, lw=1.2, label=label)
+            loss_ax.plot(epochs, hist["train_loss"], color=color, alpha=0.8, lw=1.2)
+        acc_ax.set_ylabel("test accuracy %")
+        acc_ax.set_title(f"{key[0]}, {key[1]}: test accuracy")
+        acc_ax.legend(fontsize=8)
+        loss_ax.set_yscale("log")
+        loss_ax.set_ylabel("training loss")
+        loss_ax.set_title(f"{key[0]}, {key[1]}: training loss")
+        for ax in (acc_ax, loss_ax):
+            ax.set_xlabel("epoch")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.grid(alpha=0.3)
     fig.suptitle(title)
     return fig
 

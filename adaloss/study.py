@@ -172,7 +172,8 @@ def _write(path: Path, record: dict) -> None:
 
 
 def write_summary(out, summary: dict) -> None:
-    """summary.json, summary.md and the two figures (accuracy.png, pairs.png)."""
+    """summary.json, summary.md and the figures (accuracy.png, pairs.png and
+    curves.png, the per-epoch curves of every run in out/runs)."""
     from . import plots
     from .checkpoint import atomic_write
 
@@ -186,6 +187,9 @@ def write_summary(out, summary: dict) -> None:
         plots.save(plots.study_accuracy(summary), out / "accuracy.png")
     if any(p["diffs"] for p in summary["pairs"]):
         plots.save(plots.study_pairs(summary), out / "pairs.png")
+    records = _read_runs(out)
+    if records:
+        plots.save(plots.study_curves(records), out / "curves.png")
 
 
 def study(datasets=("mnist",), presets=("report", "paper", "fair"), seeds=None, out="study",
@@ -294,12 +298,16 @@ def _run_dask(scheduler, args, finish) -> None:
             client.close()
 
 
+def _read_runs(out) -> list:
+    return [json.loads(p.read_text()) for p in sorted((Path(out) / "runs").glob("*.json"))]
+
+
 def summarize(out, planned: int | None = None) -> dict:
     """Cells (mean, std, CI), paired comparisons and CPU time of a study folder;
     `planned`, the grid's number of runs, marks a summary of an unfinished grid."""
     from .presets import REPORT_ACCURACY
 
-    runs = [json.loads(p.read_text()) for p in sorted((Path(out) / "runs").glob("*.json"))]
+    runs = _read_runs(out)
     cells: dict = {}
     for r in runs:
         cells.setdefault((r["dataset"], r["preset"], r["head"]), []).append(r)

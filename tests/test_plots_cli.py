@@ -87,6 +87,31 @@ def test_study_figures_draw_every_seed_and_the_report():
         plots.study_pairs({"cells": cells, "pairs": []})
 
 
+def test_study_curves_draw_every_run_per_epoch():
+    def record(dataset, preset, head, seed, acc, loss):
+        return {"dataset": dataset, "preset": preset, "head": head, "seed": seed,
+                "history": {"epochs": list(range(1, len(acc) + 1)), "test_accuracy": acc,
+                            "train_loss": loss}}
+
+    records = [record("cifar10", "fair", "arcface", 0, [0.56, 0.685, 0.60], [17.7, 12.5, 10.0]),
+               record("cifar10", "fair", "adaface", 0, [0.57, 0.675, 0.66], [24.1, 8.0, 0.54]),
+               record("cifar10", "fair", "adaface", 1, [0.55, 0.67, 0.65], [24.0, 8.1, 0.60]),
+               record("mnist", "report", "arcface", 0, [0.97, 0.98], [3.0, 2.0])]
+    fig = plots.study_curves(records)
+    titles = [ax.get_title() for ax in fig.axes]
+    assert titles == ["mnist, report: test accuracy", "mnist, report: training loss",
+                      "cifar10, fair: test accuracy", "cifar10, fair: training loss"]
+    acc_ax, loss_ax = fig.axes[2], fig.axes[3]
+    assert len(acc_ax.get_lines()) == len(loss_ax.get_lines()) == 3     # one line per run
+    drawn = sorted(line.get_ydata().tolist() for line in acc_ax.get_lines())
+    assert np.allclose(drawn[0], [55, 67, 65]) and np.allclose(drawn[2], [57, 67.5, 66])
+    assert [t.get_text() for t in acc_ax.get_legend().get_texts()] == ["AdaLoss (AdaFace)",
+                                                                       "ArcFace"]
+    assert loss_ax.get_yscale() == "log"
+    with pytest.raises(ValueError, match="records"):
+        plots.study_curves([])
+
+
 def test_cli_reproduce_end_to_end(tmp_path, shared_data):
     out = tmp_path / "res"
     cmd = [sys.executable, "-m", "adaloss", "reproduce", "--dataset", "mnist", "--preset",

@@ -92,7 +92,7 @@ def test_tiny_study_resumes_to_the_same_summary(tmp_path, shared_data):
     acc = {c["head"]: dict(zip(c["seeds"], c["accuracies"])) for c in saved["cells"]}
     assert pair["seeds"] == [0, 1] and pair["diffs"] == pytest.approx(
         [acc[pair["a"]][s] - acc[pair["b"]][s] for s in (0, 1)])
-    for name in ("accuracy.png", "pairs.png"):
+    for name in ("accuracy.png", "pairs.png", "curves.png"):
         assert (tmp_path / "a" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
