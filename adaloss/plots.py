@@ -274,12 +274,12 @@ def study_curves(records: list, title: str = "Per epoch, every run (test accurac
     for row, key in enumerate(order):
         acc_ax = fig.add_subplot(len(groups), 2, 2 * row + 1)
         loss_ax = fig.add_subplot(len(groups), 2, 2 * row + 2)
-        heads = []
+        labelled = set()                                  # one legend entry per head
         for r in sorted(groups[key], key=lambda r: (r["head"], r["seed"])):
             hist, color = r["history"], COLORS.get(r["head"])
             epochs = np.asarray(hist["epochs"])
-            label = None if r["head"] in heads else HEAD_LABELS.get(r["head"], r["head"])
-            heads.append(r["head"])
+            label = None if r["head"] in labelled else HEAD_LABELS.get(r["head"], r["head"])
+            labelled.add(r["head"])
             acc_ax.plot(epochs, 100 * np.asarray(hist["test_accuracy"], float), color=color,
                         alpha=0.8, lw=1.2, label=label)
             loss_ax.plot(epochs, hist["train_loss"], color=color, alpha=0.8, lw=1.2)

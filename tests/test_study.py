@@ -85,7 +85,7 @@ def test_tiny_study_resumes_to_the_same_summary(tmp_path, shared_data):
     assert (f"Made by adaloss {adaloss.__version__} on " in text and "with `adaloss study "
             "--datasets mnist --presets fair --seeds mnist=2 --epochs 1 --subset 256`." in text)
     assert straight["cpu_hours"] > 0
-    # strict JSON (no NaN), per-seed differences kept, the two figures written
+    # strict JSON (no NaN), per-seed differences kept, the three figures written
     saved = json.loads((tmp_path / "a" / "summary.json").read_text(),
                        parse_constant=lambda c: pytest.fail(f"summary.json holds {c}"))
     pair = saved["pairs"][0]
