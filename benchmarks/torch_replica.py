@@ -49,7 +49,6 @@ def torch_curve(torch, config, seed: int, data, epochs: int) -> dict:
     opt = torch.optim.Adam(params, lr=config.lr)
     kwargs = dict(config.head_kwargs)
     variant = kwargs.pop("variant", "paper")
-    kwargs.pop("eps", None)
     kwargs.setdefault("s", 1.0)                          # softmax: plain logits
     kwargs.setdefault("m", 0.0)
     state = {"batch_mean": torch.tensor(20.0), "batch_std": torch.tensor(100.0)}
