@@ -171,9 +171,10 @@ def _write(path: Path, record: dict) -> None:
     atomic_write(path, json.dumps(_json_safe(record), indent=1, allow_nan=False).encode())
 
 
-def write_summary(out, summary: dict) -> None:
+def write_summary(out, summary: dict, records: list | None = None) -> None:
     """summary.json, summary.md and the figures (accuracy.png, pairs.png and
-    curves.png, the per-epoch curves of every run in out/runs)."""
+    curves.png, the per-epoch curves of every run in out/runs; `records`, those
+    runs if the caller has read them already)."""
     from . import plots
     from .checkpoint import atomic_write
 
@@ -187,7 +188,8 @@ def write_summary(out, summary: dict) -> None:
         plots.save(plots.study_accuracy(summary), out / "accuracy.png")
     if any(p["diffs"] for p in summary["pairs"]):
         plots.save(plots.study_pairs(summary), out / "pairs.png")
-    records = _read_runs(out)
+    if records is None:
+        records = _read_runs(out)
     if records:
         plots.save(plots.study_curves(records), out / "curves.png")
 
@@ -271,14 +273,15 @@ def study(datasets=("mnist",), presets=("report", "paper", "fair"), seeds=None, 
             futures = {pool.submit(run_task, *a): rid for rid, a in args}
             for fut in as_completed(futures):
                 finish(futures[fut], fut.result())
-    summary = summarize(out, planned=len(tasks))
+    records = _read_runs(out)
+    summary = summarize(out, planned=len(tasks), records=records)
     summary["command_hint"] = ("adaloss study --datasets " + ",".join(datasets) + " --presets "
                                + ",".join(presets) + " --seeds "
                                + ",".join(f"{d}={seeds[d]}" for d in datasets)
                                + (" --heads " + ",".join(heads) if heads else "")
                                + (f" --epochs {epochs}" if epochs else "")
                                + (f" --subset {subset}" if subset else ""))
-    write_summary(out, summary)
+    write_summary(out, summary, records)
     return summary
 
 
@@ -302,12 +305,13 @@ def _read_runs(out) -> list:
     return [json.loads(p.read_text()) for p in sorted((Path(out) / "runs").glob("*.json"))]
 
 
-def summarize(out, planned: int | None = None) -> dict:
+def summarize(out, planned: int | None = None, records: list | None = None) -> dict:
     """Cells (mean, std, CI), paired comparisons and CPU time of a study folder;
-    `planned`, the grid's number of runs, marks a summary of an unfinished grid."""
+    `planned`, the grid's number of runs, marks a summary of an unfinished grid;
+    `records`, the folder's runs if the caller has read them already."""
     from .presets import REPORT_ACCURACY
 
-    runs = _read_runs(out)
+    runs = _read_runs(out) if records is None else records
     cells: dict = {}
     for r in runs:
         cells.setdefault((r["dataset"], r["preset"], r["head"]), []).append(r)

@@ -33,6 +33,12 @@ def test_ci_or_none_reads_memory_and_json_alike(tmp_path):
     one = study.summarize(tmp_path)
     assert study.ci_or_none(one["cells"][0]["ci95"]) is None
     assert "–" in one["table"]
+    # records already read by the caller are the ones summarised
+    records = study._read_runs(tmp_path)
+    assert len(records) == 2
+    again = study.summarize(tmp_path, records=records)
+    assert again["table"] == one["table"] and again["runs"] == 2   # (a CI of NaN != NaN)
+    assert study.summarize(tmp_path, records=records[:1])["runs"] == 1
 
 
 def test_plan_goes_seed_by_seed():
