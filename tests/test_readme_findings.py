@@ -1,0 +1,71 @@
+"""benchmarks/readme_findings.py writes the README's study section from the
+committed study folder: its numbers are the summary's, cells not run yet are
+left out, and rewriting the README twice changes nothing."""
+import copy
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+STUDY = ROOT / "benchmarks" / "study"
+
+
+@pytest.fixture(scope="module")
+def rf():
+    spec = importlib.util.spec_from_file_location("readme_findings",
+                                                  ROOT / "benchmarks" / "readme_findings.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def committed(rf):
+    return rf.load(STUDY)
+
+
+def test_numbers_are_the_summarys(rf, committed):
+    summary, runs = committed
+    text = rf.findings(summary, runs)
+    fair = [p for p in summary["pairs"] if (p["dataset"], p["preset"]) == ("cifar10", "fair")
+            and {p["a"], p["b"]} == {"adaface", "arcface"}][0]
+    sign = 1 if fair["a"] == "adaface" else -1
+    assert f"`fair` AdaFace − ArcFace = {sign * fair['mean_diff']:+.2f} points" in text
+    arc = [r for r in runs if (r["dataset"], r["preset"], r["head"]) == ("cifar10", "fair", "arcface")]
+    for r in arc:
+        assert f"{100 * r['test_accuracy']:.2f}" in text
+    assert max(len(line) for line in text.splitlines()) <= 78
+    assert "\n% " not in text and not any(line.startswith("%") for line in text.splitlines())
+
+
+def test_cells_not_run_are_left_out(rf, committed):
+    summary, runs = copy.deepcopy(committed)
+    assert any(c["head"] == "cosface" and c["dataset"] == "cifar10" for c in summary["cells"])
+    summary["cells"] = [c for c in summary["cells"]
+                        if (c["dataset"], c["head"]) != ("cifar10", "cosface")]
+    summary["pairs"] = [p for p in summary["pairs"]
+                        if p["dataset"] != "cifar10" or "cosface" not in (p["a"], p["b"])]
+    runs = [r for r in runs if (r["dataset"], r["head"]) != ("cifar10", "cosface")]
+    text = rf.findings(summary, runs)
+    assert "CosFace, with AdaFace's m = 0.4" not in text
+    assert "`fair` CosFace (3)" in text                  # named as remaining instead
+
+
+def test_readme_rewrite_is_idempotent_and_local(rf, committed, tmp_path):
+    summary, runs = committed
+    readme = (ROOT / "README.md").read_text()
+    once = rf.update_readme(readme, summary, runs)
+    assert rf.update_readme(once, summary, runs) == once
+    head = readme.index("Summary of the ")
+    assert once[:head] == readme[:head]
+    assert once[once.index("## Layout"):] == readme[readme.index("## Layout"):]
+    assert summary["table"].strip() in once
+    with pytest.raises(ValueError, match="## Layout"):
+        rf.update_readme(readme.replace("## Layout", "## Files"), summary, runs)
+    # --write goes through a temporary file and leaves the new README in place
+    target = tmp_path / "README.md"
+    target.write_text(readme)
+    rf.main(["--study", str(STUDY), "--readme", str(target), "--write"])
+    assert target.read_text() == once
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md"]
