@@ -69,3 +69,11 @@ def test_readme_rewrite_is_idempotent_and_local(rf, committed, tmp_path):
     rf.main(["--study", str(STUDY), "--readme", str(target), "--write"])
     assert target.read_text() == once
     assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md"]
+
+
+def test_committed_readme_matches_the_committed_study(rf, committed):
+    # after `adaloss study ... --max-runs 0`, run `python benchmarks/readme_findings.py --write`
+    summary, runs = committed
+    readme = (ROOT / "README.md").read_text()
+    assert rf.update_readme(readme, summary, runs) == readme, \
+        "README's study section is stale: python benchmarks/readme_findings.py --write"
