@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import textwrap
 from pathlib import Path
 
@@ -40,8 +41,10 @@ REPORT_CLAIM = {"mnist": 99.11 - 97.86, "cifar10": 68.13 - 62.35}
 
 def wrap(text: str, bullet: bool = False) -> str:
     """One paragraph (or "- " bullet) at 78 columns, never breaking between a
-    number and its unit."""
+    number and its unit, inside θ + m or in "m = 0.4"."""
     text = " ".join(text.split()).replace(" %", "\u00a0%").replace(" °", "\u00a0°")
+    text = text.replace("θ + m", "θ\u00a0+\u00a0m")                 # nor inside a formula
+    text = re.sub(r"(\S+) = (?=[-+−\d.π])", "\\1\u00a0=\u00a0", text)   # nor in "m = 0.4"
     kw = dict(initial_indent="- ", subsequent_indent="  ") if bullet else {}
     return textwrap.fill(text, 78, break_on_hyphens=False, **kw).replace("\u00a0", " ")
 
