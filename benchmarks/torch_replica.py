@@ -12,11 +12,19 @@ close, not identical, curves.
     python benchmarks/torch_replica.py --dataset cifar10 --preset fair --head arcface \\
         --epochs 5 --subset 10000 --data-root ../shared/data
 
+With ``--record`` a finished study run stands in for the adaloss side (its
+cell, seed, subset and epochs are taken from the record, which must have been
+made with the same run configuration), so only PyTorch trains:
+
+    python benchmarks/torch_replica.py \\
+        --record benchmarks/study/runs/cifar10-fair-arcface-seed0.json --data-root ../shared/data
+
 Writes nothing; prints a Markdown table.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 import time
@@ -85,6 +93,41 @@ def torch_curve(torch, config, seed: int, data, epochs: int) -> dict:
     return curve
 
 
+def from_record(path: str, args) -> dict:
+    """Load a study run record and set the cell, seed, subset and epochs from it."""
+    try:
+        record = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"--record: cannot read a study run record from {path!r}: {exc}")
+    missing = {"dataset", "preset", "head", "seed", "config", "history"} - set(record)
+    if missing:
+        raise SystemExit(f"--record: {path!r} is not a study run record (no {sorted(missing)})")
+    if record["preset"] not in ("paper", "fair"):
+        raise SystemExit(f"--record: expected a paper or fair run, {path!r} is a "
+                         f"{record['preset']} run")
+    args.dataset, args.preset, args.head = record["dataset"], record["preset"], record["head"]
+    args.seed, args.subset = record["seed"], record.get("subset")
+    recorded = len(record["history"]["train_loss"])
+    if args.epochs is None or args.epochs > recorded:
+        args.epochs = recorded
+    return record
+
+
+def print_table(title: str, ours: dict, theirs: dict, epochs: int) -> None:
+    """Both curves side by side, one Markdown row per epoch."""
+    print(title + "\n")
+    print("| epoch | train loss adaloss | train loss PyTorch | test acc % adaloss | "
+          "test acc % PyTorch | mean θ_y adaloss | mean θ_y PyTorch | seconds adaloss | "
+          "seconds PyTorch |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for e in range(epochs):
+        theta = ours["theta_deg"][e]
+        print(f"| {e + 1} | {ours['train_loss'][e]:.3f} | {theirs['train_loss'][e]:.3f} | "
+              f"{100 * ours['test_accuracy'][e]:.2f} | {100 * theirs['test_accuracy'][e]:.2f} | "
+              f"{'–' if theta is None else f'{theta:.1f}°'} | {theirs['theta_deg'][e]:.1f}° | "
+              f"{ours['seconds'][e]:.0f} | {theirs['seconds'][e]:.0f} |")
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--dataset", choices=presets.DATASETS, default="cifar10")
@@ -92,12 +135,20 @@ def main(argv=None) -> None:
                     help="a preset with published heads and margin-free evaluation")
     ap.add_argument("--head", choices=presets.HEADS, default="arcface")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--epochs", type=int, default=5)
+    ap.add_argument("--epochs", type=int, default=None, help="default 5, or the record's epochs")
     ap.add_argument("--subset", type=int, default=None, metavar="N",
                     help="N training images (and N/5 test images), as `adaloss study --subset`")
+    ap.add_argument("--record", default=None, metavar="RUN.json",
+                    help="a study run record to compare against instead of training adaloss; "
+                         "sets --dataset, --preset, --head, --seed, --subset and --epochs")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--data-root", default=None)
     args = ap.parse_args(argv)
+    record = from_record(args.record, args) if args.record else None
+    if args.epochs is None:
+        args.epochs = 5
+    if args.epochs < 1:
+        raise SystemExit(f"--epochs: expected a positive number, got {args.epochs}")
     import torch
 
     torch.set_num_threads(args.threads)
@@ -106,11 +157,40 @@ def main(argv=None) -> None:
     if not configs:
         raise SystemExit(f"--head: the {args.preset} preset has no {args.head} run on {args.dataset}")
     config = configs[0]
+    if record is not None:
+        recorded = dict(record["config"], epochs=args.epochs)
+        current = json.loads(json.dumps(config.to_dict()))    # tuples as the record's lists
+        if recorded != current:
+            changed = sorted(k for k in set(recorded) | set(current)
+                             if recorded.get(k) != current.get(k))
+            raise SystemExit(f"--record: the record's run configuration differs from this "
+                             f"adaloss's {args.preset} {args.head} run in {changed}")
     data = (datasets.load_mnist(args.data_root) if args.dataset == "mnist"
             else datasets.load_cifar10(args.data_root))
     if args.subset:
         data = datasets.subset(data, args.subset, max(10, args.subset // 5))
-    trainer, angles = presets.build(config, args.seed), []
+
+    if record is None:
+        ours = adaloss_curve(config, args.seed, data, args.epochs)
+        source = f"adaloss {adaloss.__version__}"
+    else:
+        history = record["history"]
+        ours = {k: history[k][:args.epochs] for k in ("train_loss", "test_accuracy", "seconds")}
+        ours["theta_deg"] = [None] * args.epochs
+        if args.epochs == len(history["train_loss"]):
+            ours["theta_deg"][-1] = record.get("theta_mean_deg")
+        source = (f"adaloss side from {args.record} (adaloss "
+                  f"{record.get('adaloss_version', '?')}, {record.get('threads', '?')} thread(s))")
+    theirs = torch_curve(torch, config, args.seed, data, args.epochs)
+    print_table(f"{args.dataset} {args.preset} {args.head}, seed {args.seed}, "
+                f"{len(data.train_labels)} training / {len(data.test_labels)} test images, "
+                f"{args.threads} thread(s), {source}, torch {torch.__version__}",
+                ours, theirs, args.epochs)
+
+
+def adaloss_curve(config, seed: int, data, epochs: int) -> dict:
+    """Train the adaloss side, recording the mean target angle after every epoch."""
+    trainer, angles = presets.build(config, seed), []
 
     def angle(epoch, history):
         emb = training.embed(trainer.net, data.test_images)
@@ -119,22 +199,11 @@ def main(argv=None) -> None:
                   @ (w / np.linalg.norm(w, axis=1, keepdims=True)).T)
         angles.append(mean_target_angle(cosine, data.test_labels))
 
-    ours = training.fit(trainer, data.train_images, data.train_labels, epochs=args.epochs,
-                        batch_size=config.batch_size, x_test=data.test_images,
-                        y_test=data.test_labels, seed=args.seed, progress=False, callback=angle)
-    theirs = torch_curve(torch, config, args.seed, data, args.epochs)
-    print(f"{args.dataset} {args.preset} {args.head}, seed {args.seed}, "
-          f"{len(data.train_labels)} training / {len(data.test_labels)} test images, "
-          f"{args.threads} thread(s), adaloss {adaloss.__version__}, torch {torch.__version__}\n")
-    print("| epoch | train loss adaloss | train loss PyTorch | test acc % adaloss | "
-          "test acc % PyTorch | mean θ_y adaloss | mean θ_y PyTorch | seconds adaloss | "
-          "seconds PyTorch |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for e in range(args.epochs):
-        print(f"| {e + 1} | {ours.train_loss[e]:.3f} | {theirs['train_loss'][e]:.3f} | "
-              f"{100 * ours.test_accuracy[e]:.2f} | {100 * theirs['test_accuracy'][e]:.2f} | "
-              f"{angles[e]:.1f}° | {theirs['theta_deg'][e]:.1f}° | "
-              f"{ours.seconds[e]:.0f} | {theirs['seconds'][e]:.0f} |")
+    history = training.fit(trainer, data.train_images, data.train_labels, epochs=epochs,
+                           batch_size=config.batch_size, x_test=data.test_images,
+                           y_test=data.test_labels, seed=seed, progress=False, callback=angle)
+    return {"train_loss": history.train_loss, "test_accuracy": history.test_accuracy,
+            "seconds": history.seconds, "theta_deg": angles}
 
 
 if __name__ == "__main__":
