@@ -268,13 +268,17 @@ def cmd_plot(args) -> int:
 
 
 def _parse_seeds(text: str, datasets: list) -> dict:
-    if "=" not in text:
-        return {d: _positive(text) for d in datasets}
-    seeds = {}
-    for part in text.split(","):
-        name, _, value = part.partition("=")
-        seeds[name.strip()] = _positive(value)
-    return seeds
+    try:
+        if "=" not in text:
+            return {d: _positive(text) for d in datasets}
+        seeds = {}
+        for part in text.split(","):
+            name, _, value = part.partition("=")
+            seeds[name.strip()] = _positive(value)
+        return seeds
+    except argparse.ArgumentTypeError as exc:
+        raise ValueError(f"--seeds: expected N or DATASET=N,... with N a positive integer, "
+                         f"got {text!r} ({exc})") from None
 
 
 def cmd_study(args) -> int:
@@ -293,6 +297,13 @@ def cmd_study(args) -> int:
     except (ValueError, argparse.ArgumentTypeError) as exc:
         print(f"adaloss: {exc}", file=sys.stderr)
         return 2
+    except study.RunsFailed as exc:
+        print(exc.summary["table"])
+        print(f"adaloss: {exc}", file=sys.stderr)
+        return 1
+    except (ImportError, OSError) as exc:       # no Dask, no scheduler, a full disk
+        print(f"adaloss: {exc}", file=sys.stderr)
+        return 1
     print(summary["table"])
     return 0
 

@@ -39,6 +39,24 @@ _T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 
          2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
 
 
+class RunsFailed(RuntimeError):
+    """Some runs of a study raised; the others were kept and summarised.
+
+    ``failures`` maps each failed run's id to its exception; ``summary`` is the
+    summary of the runs that did finish (also written to the folder)."""
+
+    def __init__(self, failures: dict, summary: dict):
+        self.failures, self.summary = failures, summary
+        messages = {}
+        for rid, exc in failures.items():
+            messages.setdefault(f"{type(exc).__name__}: {exc}", []).append(rid)
+        lines = [f"{len(failures)} run(s) failed; finished runs were kept and summarised "
+                 "(a restart retries the failed ones):"]
+        for message, rids in messages.items():
+            lines.append(f"- {', '.join(rids)}: {message}")
+        super().__init__("\n".join(lines))
+
+
 def t_quantile_975(df: int) -> float:
     return _T975[df - 1] if 1 <= df <= 30 else 1.96
 
@@ -91,6 +109,18 @@ def plan(datasets, presets_, seeds: dict, epochs=None, heads=None) -> list:
     keeps only the runs of those heads (None: every head of each preset)."""
     from . import presets
 
+    datasets, presets_ = list(datasets), list(presets_)
+    if not datasets or set(datasets) - set(presets.DATASETS):
+        raise ValueError(f"datasets: expected some of {presets.DATASETS}, got {datasets!r}")
+    if not presets_ or set(presets_) - set(presets.PRESETS):
+        raise ValueError(f"presets: expected some of {presets.PRESETS}, got {presets_!r}")
+    missing = [d for d in datasets if d not in seeds]
+    if missing:
+        raise ValueError(f"seeds: no seed count for {missing}")
+    for dataset in datasets:
+        n = seeds[dataset]
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"seeds: expected a positive number of seeds for {dataset}, got {n!r}")
     if heads is not None:
         heads = list(heads)
         unknown = sorted(set(heads) - set(presets.HEADS))
@@ -204,15 +234,14 @@ def study(datasets=("mnist",), presets=("report", "paper", "fair"), seeds=None, 
     (or a dask Client) to send the runs to instead of local processes.
     `max_runs` stops after that many new runs (the rest wait for a resume).
     `heads` restricts the grid to those heads (e.g. the fair preset's arcface
-    and adaface first). The summary covers every run in the folder."""
+    and adaface first). The summary covers every run in the folder. A run that
+    raises does not stop the others: the finished runs are written and
+    summarised, then RunsFailed names the failed ones (a restart retries them)."""
     datasets, presets = list(datasets), list(presets)
     if seeds is None:
         seeds = {"mnist": 5, "cifar10": 3}
     if isinstance(seeds, int):
         seeds = {d: seeds for d in datasets}
-    missing = [d for d in datasets if d not in seeds]
-    if missing:
-        raise ValueError(f"seeds: no seed count for {missing}")
     if not isinstance(threads_per_worker, int) or threads_per_worker < 1:
         raise ValueError(f"threads_per_worker: expected a positive int, got {threads_per_worker!r}")
     tasks = plan(datasets, presets, seeds, epochs, heads)   # checks the arguments first
@@ -255,7 +284,17 @@ def study(datasets=("mnist",), presets=("report", "paper", "fair"), seeds=None, 
               + (f" ({copied} of them copied from an identical run)" if copied else "")
               + f", {len(first)} to run now", flush=True)
 
-    def finish(rid: str, record: dict) -> None:
+    failures = {}
+
+    def finish(rid: str, future) -> None:
+        try:
+            record = future.result()
+        except Exception as exc:   # one failed run must not cost the others
+            failures[rid] = exc
+            if progress:
+                print(f"  failed {rid}: {type(exc).__name__}: {str(exc).splitlines()[0]}",
+                      flush=True)
+            return
         _write(runs_dir / f"{rid}.json", record)
         for twin in twins[key[rid]]:
             _write(runs_dir / f"{twin}.json", _twin(record, configs[twin]))
@@ -272,7 +311,7 @@ def study(datasets=("mnist",), presets=("report", "paper", "fair"), seeds=None, 
         with ProcessPoolExecutor(max_workers=min(workers, len(first)), mp_context=ctx) as pool:
             futures = {pool.submit(run_task, *a): rid for rid, a in args}
             for fut in as_completed(futures):
-                finish(futures[fut], fut.result())
+                finish(futures[fut], fut)
     records = _read_runs(out)
     summary = summarize(out, planned=len(tasks), records=records)
     summary["command_hint"] = ("adaloss study --datasets " + ",".join(datasets) + " --presets "
@@ -282,6 +321,8 @@ def study(datasets=("mnist",), presets=("report", "paper", "fair"), seeds=None, 
                                + (f" --epochs {epochs}" if epochs else "")
                                + (f" --subset {subset}" if subset else ""))
     write_summary(out, summary, records)
+    if failures:
+        raise RunsFailed(failures, summary)
     return summary
 
 
@@ -290,12 +331,19 @@ def _run_dask(scheduler, args, finish) -> None:
         from dask.distributed import Client, as_completed as dask_completed
     except ImportError as exc:
         raise ImportError("--scheduler needs Dask: pip install 'dask[distributed]'") from exc
-    client = scheduler if isinstance(scheduler, Client) else Client(scheduler)
+    if isinstance(scheduler, Client):
+        client = scheduler
+    else:
+        try:
+            client = Client(scheduler)
+        except (OSError, TimeoutError, ValueError) as exc:
+            raise ConnectionError(f"scheduler: cannot connect to a Dask scheduler at "
+                                  f"{scheduler!r}: {exc}") from exc
     try:
         futures = {client.submit(run_task, *a, key=f"adaloss-{rid}", pure=False): rid
                    for rid, a in args}
         for fut in dask_completed(list(futures)):
-            finish(futures[fut], fut.result())
+            finish(futures[fut], fut)
     finally:
         if client is not scheduler:
             client.close()

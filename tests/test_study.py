@@ -65,6 +65,43 @@ def test_plan_keeps_only_the_asked_heads():
             study.plan(["mnist"], ["fair"], {"mnist": 1}, heads=bad)
 
 
+def test_plan_names_the_bad_argument():
+    for args, name in (((["mnst"], ["fair"], {"mnst": 1}), "datasets"),
+                       (([], ["fair"], {}), "datasets"),
+                       ((["mnist"], ["fiar"], {"mnist": 1}), "presets"),
+                       ((["mnist"], ["fair"], {"cifar10": 1}), "seeds"),
+                       ((["mnist"], ["fair"], {"mnist": 0}), "seeds"),
+                       ((["mnist"], ["fair"], {"mnist": 2.5}), "seeds")):
+        with pytest.raises(ValueError, match=name):
+            study.plan(*args)
+
+
+def test_a_failed_run_keeps_the_others(tmp_path, shared_data, capsys):
+    # CIFAR-10 is missing from this data root: its runs fail, MNIST's are kept
+    root = tmp_path / "data"
+    root.mkdir()
+    (root / "mnist").symlink_to(shared_data / "mnist", target_is_directory=True)
+    with pytest.raises(study.RunsFailed) as err:
+        study.study(datasets=["mnist", "cifar10"], presets=["report"], seeds=1, epochs=1,
+                    subset=128, data_root=root, workers=2, out=tmp_path / "s", progress=False)
+    failed = err.value.failures
+    assert sorted(failed) == ["cifar10-report-adaface-seed0", "cifar10-report-arcface-seed0"]
+    assert all(isinstance(e, adaloss.datasets.DataError) for e in failed.values())
+    assert "2 run(s) failed" in str(err.value) and "CIFAR-10 is not in" in str(err.value)
+    runs = sorted(p.name for p in (tmp_path / "s" / "runs").iterdir())
+    assert runs == ["mnist-report-adaface-seed0.json", "mnist-report-arcface-seed0.json"]
+    assert err.value.summary["runs"] == 2 and err.value.summary["runs_planned"] == 4
+    assert json.loads((tmp_path / "s" / "summary.json").read_text())["runs"] == 2
+    # the CLI retries only the failed runs, prints the summary and exits 1
+    code = adaloss.cli.main(["study", "--datasets", "mnist,cifar10", "--presets", "report",
+                             "--seeds", "1", "--epochs", "1", "--subset", "128",
+                             "--workers", "1", "--data-root", str(root),
+                             "--out", str(tmp_path / "s")])
+    out, errtext = capsys.readouterr()
+    assert code == 1 and "2 already done, 2 to run now" in out and "| mnist | report |" in out
+    assert errtext.startswith("adaloss: 2 run(s) failed") and "Traceback" not in errtext
+
+
 def test_tiny_study_resumes_to_the_same_summary(tmp_path, shared_data):
     kwargs = dict(datasets=["mnist"], presets=["fair"], seeds=2, epochs=1, subset=256,
                   data_root=shared_data, workers=2, progress=False)
