@@ -304,6 +304,10 @@ def cmd_study(args) -> int:
     except (ImportError, OSError) as exc:       # no Dask, no scheduler, a full disk
         print(f"adaloss: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(f"adaloss: study interrupted; the finished runs are in {args.out}/runs, "
+              "the same command resumes from them", file=sys.stderr)
+        return 130
     print(summary["table"])
     return 0
 

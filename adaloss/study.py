@@ -287,13 +287,22 @@ def study(datasets=("mnist",), presets=("report", "paper", "fair"), seeds=None, 
     failures = {}
 
     def finish(rid: str, future) -> None:
+        # one failed run must not cost the others: it is named at the end
         try:
             record = future.result()
-        except Exception as exc:   # one failed run must not cost the others
-            failures[rid] = exc
+            history = record["history"]
+            failure = (RuntimeError(f"interrupted after {len(history['epochs'])} of "
+                                    f"{configs[rid].epochs} epochs; not kept")
+                       if history.get("interrupted") else None)
+        except KeyboardInterrupt:  # a worker stopped by Ctrl-C before its training began
+            failure = RuntimeError("interrupted; not kept")
+        except Exception as exc:
+            failure = exc
+        if failure is not None:
+            failures[rid] = failure
             if progress:
-                print(f"  failed {rid}: {type(exc).__name__}: {str(exc).splitlines()[0]}",
-                      flush=True)
+                print(f"  failed {rid}: {type(failure).__name__}: "
+                      f"{str(failure).splitlines()[0]}", flush=True)
             return
         _write(runs_dir / f"{rid}.json", record)
         for twin in twins[key[rid]]:
@@ -308,10 +317,15 @@ def study(datasets=("mnist",), presets=("report", "paper", "fair"), seeds=None, 
     elif first:
         workers = workers or max(1, (os.cpu_count() or 1) // threads_per_worker)
         ctx = multiprocessing.get_context("spawn")  # OpenMP state does not survive fork
-        with ProcessPoolExecutor(max_workers=min(workers, len(first)), mp_context=ctx) as pool:
+        pool = ProcessPoolExecutor(max_workers=min(workers, len(first)), mp_context=ctx)
+        try:
             futures = {pool.submit(run_task, *a): rid for rid, a in args}
             for fut in as_completed(futures):
                 finish(futures[fut], fut)
+        except BaseException:   # Ctrl-C: stop now, not after every queued run
+            _stop(pool)
+            raise
+        pool.shutdown()
     records = _read_runs(out)
     summary = summarize(out, planned=len(tasks), records=records)
     summary["command_hint"] = ("adaloss study --datasets " + ",".join(datasets) + " --presets "
@@ -324,6 +338,22 @@ def study(datasets=("mnist",), presets=("report", "paper", "fair"), seeds=None, 
     if failures:
         raise RunsFailed(failures, summary)
     return summary
+
+
+def _stop(pool: ProcessPoolExecutor) -> None:
+    """Cancel the queued runs and end the running ones (whose results would be lost)."""
+    stop = getattr(pool, "terminate_workers", None)       # Python 3.14
+    if stop is not None:
+        stop()
+        return
+    # before 3.14 there is no public way to stop a running task; shutdown()
+    # forgets the worker processes, so take them first
+    procs = list((getattr(pool, "_processes", None) or {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    for proc in procs:
+        proc.terminate()
+    for proc in procs:
+        proc.join(timeout=10)
 
 
 def _run_dask(scheduler, args, finish) -> None:
@@ -339,11 +369,15 @@ def _run_dask(scheduler, args, finish) -> None:
         except (OSError, TimeoutError, ValueError) as exc:
             raise ConnectionError(f"scheduler: cannot connect to a Dask scheduler at "
                                   f"{scheduler!r}: {exc}") from exc
+    futures = {}
     try:
-        futures = {client.submit(run_task, *a, key=f"adaloss-{rid}", pure=False): rid
-                   for rid, a in args}
+        for rid, a in args:
+            futures[client.submit(run_task, *a, key=f"adaloss-{rid}", pure=False)] = rid
         for fut in dask_completed(list(futures)):
             finish(futures[fut], fut)
+    except BaseException:       # Ctrl-C: take the queued and running runs off the cluster
+        client.cancel(list(futures))
+        raise
     finally:
         if client is not scheduler:
             client.close()

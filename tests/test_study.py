@@ -2,8 +2,14 @@
 the same summary; the statistics; a Dask LocalCluster."""
 import json
 import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
-import numpy as np
 import pytest
 
 import adaloss
@@ -174,3 +180,80 @@ def test_study_on_a_dask_local_cluster(tmp_path, shared_data):
     # one seed per cell: no CI, stored as null rather than NaN
     saved = json.loads((tmp_path / "d" / "summary.json").read_text())
     assert all(c["ci95"] == [None, None] for c in saved["cells"])
+
+
+# The CLI in a child process with Python's Ctrl-C handler (a background job's
+# SIGINT may start out ignored, which would make these tests pass vacuously).
+CHILD = """
+import signal, sys
+if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    from adaloss import cli
+    sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def _start_study(tmp_path, shared_data, presets, seeds, subset):
+    script = tmp_path / "run_study.py"
+    script.write_text(CHILD)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), "study", "--datasets", "mnist", "--presets", presets,
+         "--seeds", str(seeds), "--epochs", "2", "--subset", str(subset), "--workers", "2",
+         "--data-root", str(shared_data), "--out", str(tmp_path / "s")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    assert proc.stdout.readline().startswith("study: ")
+    return proc
+
+
+def _workers(pid: int, cpu_seconds: float, timeout: float = 120) -> list:
+    """The study's worker processes, once each has used `cpu_seconds` (is training)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = {}
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+                cmd = (stat.parent / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if int(fields[1]) == pid and b"spawn_main" in cmd:
+                found[int(stat.parent.name)] = (int(fields[11]) + int(fields[12])) / tick
+        if len(found) == 2 and min(found.values()) >= cpu_seconds:
+            return sorted(found)
+        time.sleep(0.2)
+    pytest.fail(f"the study's two workers did not start training within {timeout} s")
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
+def test_ctrl_c_stops_the_study_at_once(tmp_path, shared_data):
+    # 20 runs of about 10 s each on 2 workers: finishing the queue would take
+    # minutes; Ctrl-C must end the study (and its workers) within seconds
+    proc = _start_study(tmp_path, shared_data, "report,paper", 5, subset=6000)
+    workers = _workers(proc.pid, cpu_seconds=2)
+    os.kill(proc.pid, signal.SIGINT)
+    try:
+        out, err = proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail("the study kept running for 30 s after Ctrl-C")
+    assert proc.returncode == 130, err
+    assert "study interrupted" in err and "Traceback" not in err
+    assert not any(Path(f"/proc/{w}").exists() for w in workers)
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
+def test_a_run_interrupted_in_its_worker_is_not_kept(tmp_path, shared_data):
+    # Ctrl-C reaching one worker only: its run stops early and must not be
+    # recorded as finished; the other runs carry on
+    proc = _start_study(tmp_path, shared_data, "report", 2, subset=3000)
+    victim = _workers(proc.pid, cpu_seconds=2.5)[0]    # start-up and data take < 1 s
+    os.kill(victim, signal.SIGINT)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 1, err
+    assert "1 run(s) failed" in err and re.search(r"interrupted after [01] of 2 epochs; not kept", err)
+    kept = sorted(p.stem for p in (tmp_path / "s" / "runs").glob("*.json"))
+    assert len(kept) == 3 and err.split("- ")[1].split(":")[0] not in kept
+    for name in kept:
+        record = json.loads((tmp_path / "s" / "runs" / f"{name}.json").read_text())
+        assert not record["history"]["interrupted"] and record["history"]["epochs"] == [1, 2]
