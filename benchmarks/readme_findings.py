@@ -233,6 +233,38 @@ def cifar_cosface(st: Study) -> str | None:
         + reading)
 
 
+def cifar_softmax(st: Study) -> str | None:
+    """Plain softmax on the fair network: does any margin help on CIFAR-10 at all?"""
+    if not st.has("cifar10", "fair", "softmax"):
+        return None
+    sm = st.records("cifar10", "fair", "softmax")
+    against = []
+    for head in ("adaface", "cosface", "arcface"):
+        if st.has("cifar10", "fair", head):
+            d, ci, n, _ = st.pair("cifar10", "fair", head, "softmax")
+            against.append((head, d, ci, n))
+    listed = "; ".join(f"{HEAD_NAME[h]} − softmax = {d:+.2f} points ("
+                       + (ci_text(ci) + f", {seeds(n)}" if ci is not None else seeds(n)) + ")"
+                       for h, d, ci, n in against)
+    d, ci, n = next((d, ci, n) for h, d, ci, n in against if h == "adaface")
+    ada = [100 * r["test_accuracy"] for r in st.records("cifar10", "fair", "adaface")]
+    if ci is None:
+        verdict = "One seed is a first look, not a verdict" + (
+            f": AdaFace's own seeds spread over {spread(ada, '{:.2f}')} %"
+            if min(ada) <= 100 * sm[0]["test_accuracy"] <= max(ada) else "")
+    elif ci[0] > 0:
+        verdict = "AdaFace's margin helps on this network beyond plain softmax (the CI excludes 0)"
+    elif ci[1] < 0:
+        verdict = "Plain softmax does better than AdaFace on this network (the CI excludes 0)"
+    else:
+        verdict = "AdaFace and plain softmax cannot be told apart on this network (the CI holds 0)"
+    return wrap(
+        "Plain softmax on the same network and initial weights (no margin, no normalisation): "
+        f"{per_seed(sm)} % over {seeds(len(sm))} (peak "
+        + ", ".join(f"{a:.1f} % at epoch {e}" for a, e in map(peak, sm))
+        + f"). {listed}. {verdict}.")
+
+
 def cifar_paper_arcface(st: Study) -> str | None:
     """The report's ArcFace network with the published head at the report's lr 1e-4."""
     if not st.has("cifar10", "paper", "arcface"):
@@ -343,7 +375,8 @@ def findings(summary: dict, runs: list) -> str:
     """The prose after the figures, from a summary and its run records."""
     st = Study(summary, runs)
     parts = [how_to_read(st), mnist_verdict(st), cifar_trap(st), cifar_cosface(st),
-             cifar_paper_arcface(st), report_gap(st), bottom_line(st), remaining(st)]
+             cifar_softmax(st), cifar_paper_arcface(st), report_gap(st), bottom_line(st),
+             remaining(st)]
     return "\n\n".join(p for p in parts if p) + "\n"
 
 

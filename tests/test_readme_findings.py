@@ -77,3 +77,30 @@ def test_committed_readme_matches_the_committed_study(rf, committed):
     readme = (ROOT / "README.md").read_text()
     assert rf.update_readme(readme, summary, runs) == readme, \
         "README's study section is stale: python benchmarks/readme_findings.py --write"
+
+
+def test_softmax_paragraph_follows_its_cell(rf, committed, tmp_path):
+    # a CIFAR-10 fair softmax run (made here from a CosFace record) gets its
+    # paragraph, with the summary's paired differences; without it, none
+    import json
+
+    from adaloss import study
+
+    summary, runs = copy.deepcopy(committed)
+    runs = [r for r in runs if (r["dataset"], r["preset"], r["head"]) != ("cifar10", "fair", "softmax")]
+    (tmp_path / "runs").mkdir()
+    fake = copy.deepcopy([r for r in runs if (r["dataset"], r["preset"], r["head"], r["seed"])
+                          == ("cifar10", "fair", "cosface", 0)][0])
+    fake.update(head="softmax", name="cifar10-fair-softmax", test_accuracy=0.6421,
+                test_accuracy_plain=0.6421)
+    for i, r in enumerate(runs + [fake]):
+        (tmp_path / "runs" / f"{i:03d}.json").write_text(json.dumps(r))
+    with_softmax = study.summarize(tmp_path)
+    text = rf.findings(with_softmax, runs + [fake])
+    assert "Plain softmax on the same network" in text and "64.21 % over 1 seed" in text
+    ada = [r for r in runs if (r["dataset"], r["preset"], r["head"], r["seed"])
+           == ("cifar10", "fair", "adaface", 0)][0]
+    diff = 100 * (ada["test_accuracy"] - 0.6421)
+    assert " ".join(f"AdaFace − softmax = {diff:+.2f} points".split()) in " ".join(text.split())
+    without = study.summarize(tmp_path, records=runs)
+    assert "Plain softmax" not in rf.findings(without, runs)
