@@ -192,3 +192,21 @@ def test_ctrl_c_returns_history_and_keeps_checkpoint(tmp_path):
     assert lag < 5.0   # one step is ~30 ms; the process also has to exit
     now = (tmp_path / "latest.ckpt").read_bytes()
     assert now[:8] == b"ADALOSS\0" and len(now) == len(saved)
+
+
+def test_margin_stats_gives_every_head_its_target_angle(mnist_small):
+    # softmax has no angle in its logits: margin_stats takes it from the vectors,
+    # the same angle the margin heads report from C
+    x, y = mnist_small.test_images[:300], mnist_small.test_labels[:300]
+    angles = {}
+    for config in presets.runs("mnist", "fair"):
+        trainer = presets.build(config, seed=0)
+        stats = training.margin_stats(trainer.net, trainer.head, x, y, batch_size=128)
+        emb = training.embed(trainer.net, x).astype(np.float64)
+        w = trainer.head.weight.astype(np.float64)
+        cos = np.sum(emb * w[y], 1) / np.linalg.norm(emb, axis=1) / np.linalg.norm(w[y], axis=1)
+        assert stats["theta_deg"].shape == (300,) and np.all(np.isfinite(stats["theta_deg"]))
+        np.testing.assert_allclose(stats["theta_deg"], np.degrees(np.arccos(cos)), atol=0.05)
+        angles[config.head] = stats["theta_deg"]
+        assert (stats["quality"] is None) == (config.head != "adaface")
+    assert set(angles) == {"softmax", "cosface", "arcface", "adaface"}
