@@ -104,3 +104,17 @@ def test_softmax_paragraph_follows_its_cell(rf, committed, tmp_path):
     assert " ".join(f"AdaFace − softmax = {diff:+.2f} points".split()) in " ".join(text.split())
     without = study.summarize(tmp_path, records=runs)
     assert "Plain softmax" not in rf.findings(without, runs)
+
+
+def test_committed_run_records_are_standard_json():
+    # NaN is not JSON: a missing number is stored as null
+    import json
+
+    def reject(constant):
+        raise ValueError(constant)
+
+    paths = sorted((STUDY / "runs").glob("*.json"))
+    assert paths
+    for path in paths:
+        record = json.loads(path.read_text(), parse_constant=reject)
+        assert {"dataset", "preset", "head", "seed", "history", "test_accuracy"} <= set(record)
