@@ -258,10 +258,15 @@ def cifar_softmax(st: Study) -> str | None:
         verdict = "Plain softmax does better than AdaFace on this network (the CI excludes 0)"
     else:
         verdict = "AdaFace and plain softmax cannot be told apart on this network (the CI holds 0)"
+    overfits = all(peak(r)[0] - 100 * r["test_accuracy"] > 1.5 and final_loss(r) < 0.2
+                   for r in sm)
     return wrap(
         "Plain softmax on the same network and initial weights (no margin, no normalisation): "
         f"{per_seed(sm)} % over {seeds(len(sm))} (peak "
         + ", ".join(f"{a:.1f} % at epoch {e}" for a, e in map(peak, sm))
+        + f", final training loss {spread(list(map(final_loss, sm)), '{:.3f}')}"
+        + ("; it fits the training set and its test accuracy sinks from the peak: it "
+           "overfits, with no margin to trap it" if overfits else "")
         + f"). {listed}. {verdict}.")
 
 
