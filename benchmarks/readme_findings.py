@@ -67,6 +67,11 @@ def per_seed(records) -> str:
     return ", ".join(f"{100 * r['test_accuracy']:.2f}" for r in records)
 
 
+def which(cell: dict) -> str:
+    """What a cell's number is: one seed's, or a mean."""
+    return "seed 0" if cell["n"] == 1 else f"means over {seeds(cell['n'])}"
+
+
 def mean_sd(cell: dict) -> str:
     return f"{cell['mean']:.2f}" + (f" ± {cell['std']:.2f}" if cell["n"] > 1 else "") + " %"
 
@@ -303,7 +308,7 @@ def report_gap(st: Study) -> str:
     if st.has("cifar10", "paper", "arcface"):
         c = st.cell("cifar10", "paper", "arcface")
         paper_arc = (f" and {c['mean']:.2f} % with the published ArcFace head (`paper`, "
-                     + (seeds(c["n"]) if c["n"] > 1 else "seed 0") + ")")
+                     + which(c) + ")")
     bullets = [
         "*ArcFace evaluated with the margin on the true class.* This is the whole MNIST gap. "
         f"The report's ArcFace scores {mean_sd(mra)} over {seeds(mra['n'])} with its rule (its "
@@ -312,8 +317,8 @@ def report_gap(st: Study) -> str:
         f"({mrd['mean']:.2f} % on {seeds(mrd['n'])}, {mrd['margin_free_mean']:.2f} % "
         f"margin-free). On CIFAR-10 the rule costs the report's ArcFace "
         f"{ra['margin_free_mean'] - ra['mean']:.1f} points ({ra['mean']:.2f} % → "
-        f"{ra['margin_free_mean']:.2f} % margin-free, seed 0), and margin-free it beats the "
-        f"report's AdaFace ({rd['margin_free_mean']:.2f} %) by "
+        f"{ra['margin_free_mean']:.2f} % margin-free, {which(ra)}), and margin-free it beats "
+        f"the report's AdaFace ({rd['margin_free_mean']:.2f} %, {which(rd)}) by "
         f"{ra['margin_free_mean'] - rd['margin_free_mean']:.1f} points: the report's order "
         "reverses.",
         "*Different networks.* The report's two heads sit on different networks, so its "
