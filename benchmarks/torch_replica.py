@@ -90,6 +90,10 @@ def torch_curve(torch, config, seed: int, data, epochs: int) -> dict:
             scores = (emb @ weight.T).numpy() if config.head == "softmax" else cosine
         curve["test_accuracy"].append(float(np.mean(scores.argmax(1) == data.test_labels)))
         curve["theta_deg"].append(mean_target_angle(cosine, data.test_labels))
+        print(f"PyTorch epoch {len(curve['seconds'])}: train loss {curve['train_loss'][-1]:.3f}, "
+              f"test acc {100 * curve['test_accuracy'][-1]:.2f} %, mean θ_y "
+              f"{curve['theta_deg'][-1]:.1f}°, {curve['seconds'][-1]:.0f} s",
+              file=sys.stderr, flush=True)          # a long run shows where it is
     return curve
 
 
