@@ -198,9 +198,10 @@ def cifar_trap(st: Study) -> str:
         "never\" to reach (Deng et al. 2019, as quoted in deepinsight/insightface#228). "
         "AdaFace's margin (a smaller m = 0.4, scaled by the quality q) does not trap this way: "
         f"its accuracy peaks at {spread([peak(r)[0] for r in ada], '{:.1f}')} % and ends within "
-        "a few points of that. The first two epochs of the ArcFace run in PyTorch, from the same "
-        "weights on the same batches, agree with ours to 3e-4 in loss (see Correctness); the "
-        "trap forms later, and PyTorch has not been run that far.")
+        "a few points of that. PyTorch, trained from the same weights on the same batches for "
+        "the 20 epochs of seed 0, falls into the same trap (59.24 % at the end, training loss "
+        "10.06, mean θ_y 155.9°, and 154-156° after every epoch from the first; see "
+        "Correctness): the trap is ArcFace's, not our implementation's.")
 
 
 def cifar_cosface(st: Study) -> str | None:
