@@ -121,6 +121,11 @@ def peak(record) -> tuple[float, int]:
     return 100 * max(acc), 1 + int(np.argmax(acc))
 
 
+def peaks(records) -> str:
+    """"68.5 % at epoch 4, ..." for each record."""
+    return ", ".join(f"{a:.1f} % at epoch {e}" for a, e in map(peak, records))
+
+
 def final_loss(record) -> float:
     return record["history"]["train_loss"][-1]
 
@@ -185,7 +190,7 @@ def cifar_trap(st: Study) -> str:
         f"ArcFace {per_seed(arc)} %, AdaFace {per_seed(ada)} %). The published ArcFace (s = 64, "
         "m = 0.5, Adam at 1e-3 like every `fair` head) falls into a trap on this network (the "
         "CIFAR-10 `fair` row of the curves above): its test accuracy peaks early ("
-        + ", ".join(f"{a:.1f} % at epoch {e}" for a, e in map(peak, arc))
+        + peaks(arc)
         + f") and then sinks, its training loss stalls ({spread(list(map(final_loss, arc)), '{:.1f}')} "
         f"after 20 epochs, against {spread(list(map(final_loss, ada)), '{:.2f}')} for AdaFace), "
         "and at the end every test embedding points away from its class weight: mean θ_y "
@@ -269,7 +274,7 @@ def cifar_softmax(st: Study) -> str | None:
     return wrap(
         "Plain softmax on the same network and initial weights (no margin, no normalisation): "
         f"{per_seed(sm)} % over {seeds(len(sm))} (peak "
-        + ", ".join(f"{a:.1f} % at epoch {e}" for a, e in map(peak, sm))
+        + peaks(sm)
         + f", final training loss {spread(list(map(final_loss, sm)), '{:.3f}')}"
         + ("; it fits the training set and its test accuracy sinks from the peak: it "
            "overfits, with no margin to trap it" if overfits else "")
@@ -288,7 +293,7 @@ def cifar_paper_arcface(st: Study) -> str | None:
         "On the report's ArcFace network with the published head and the report's learning rate "
         f"for it (1e-4, the `paper` preset), ArcFace scores {per_seed(recs)} % over "
         f"{seeds(len(recs))} (peak "
-        + ", ".join(f"{a:.1f} % at epoch {e}" for a, e in map(peak, recs))
+        + peaks(recs)
         + f"; final training loss {spread(list(map(final_loss, recs)), '{:.2f}')}, mean θ_y "
         f"{spread(theta)}°): "
         + ("trapped the same way. " if trapped else
