@@ -91,14 +91,16 @@ def margin_stats(net: Sequential, head: _Head, x: np.ndarray, y: np.ndarray,
     training = head.training
     head.eval()
     angles, quality = [], []
-    w = head.weight.astype(np.float64)
-    w /= np.maximum(np.linalg.norm(w, axis=1, keepdims=True), 1e-12)
+    softmax = head._kind == "Softmax"       # no angle in its logits: from the vectors
+    if softmax:
+        w = head.weight.astype(np.float64)
+        w /= np.maximum(np.linalg.norm(w, axis=1, keepdims=True), 1e-12)
     try:
         for i in range(0, len(x), batch_size):
             emb, lab = net.forward(x[i:i + batch_size]), y[i:i + batch_size]
             head.forward(emb, lab)
             last = head.last_batch()
-            if head._kind == "Softmax":      # no angle in its logits: from the vectors
+            if softmax:
                 e = emb.astype(np.float64)
                 e /= np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
                 cos = np.clip(np.einsum("nd,nd->n", e, w[lab]), -1.0, 1.0)
