@@ -170,8 +170,8 @@ def mnist_verdict(st: Study) -> str:
            f"(+{REPORT_CLAIM['mnist']:.2f} points)" if excl else "")
         + ". On the report's own networks with the published heads (`paper`) the same: "
         f"{dp:+.2f} points over {np_} paired seeds ({ci_text(cip)}). Softmax and CosFace land "
-        f"in the same band ({mean_sd(sm)} and {mean_sd(cs)}, {seeds(min(sm['n'], cs['n']))} so "
-        "far): on MNIST with this network no margin head stands out from plain softmax.")
+        f"in the same band ({mean_sd(sm)} over {seeds(sm['n'])} and {mean_sd(cs)} over "
+        f"{seeds(cs['n'])}): on MNIST with this network no margin head stands out from plain softmax.")
 
 
 def cifar_trap(st: Study) -> str:
