@@ -5,6 +5,7 @@ import copy
 import importlib.util
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,7 +58,7 @@ def test_readme_rewrite_is_idempotent_and_local(rf, committed, tmp_path):
     readme = (ROOT / "README.md").read_text()
     once = rf.update_readme(readme, summary, runs)
     assert rf.update_readme(once, summary, runs) == once
-    head = readme.index("Summary of the ")
+    head = readme.index("Summary of ")
     assert once[:head] == readme[:head]
     assert once[once.index("## Layout"):] == readme[readme.index("## Layout"):]
     assert summary["table"].strip() in once
@@ -118,3 +119,61 @@ def test_committed_run_records_are_standard_json():
     for path in paths:
         record = json.loads(path.read_text(), parse_constant=reject)
         assert {"dataset", "preset", "head", "seed", "history", "test_accuracy"} <= set(record)
+
+
+def _grid_filled_up(committed, tmp_path):
+    """The committed records plus, for every seed not run yet, a copy of the
+    cell's seed-0 record with the seed changed and the accuracy moved a little."""
+    import json
+
+    from adaloss import study
+
+    _, runs = copy.deepcopy(committed)
+    have = {(r["dataset"], r["preset"], r["head"], r["seed"]) for r in runs}
+    seed0 = {(r["dataset"], r["preset"], r["head"]): r for r in runs if r["seed"] == 0}
+    rng = np.random.default_rng(0)
+    for (dataset, preset, head), r in seed0.items():
+        for seed in range({"mnist": 5, "cifar10": 3}[dataset]):
+            if (dataset, preset, head, seed) not in have:
+                fake = copy.deepcopy(r)
+                step = float(rng.uniform(-0.01, 0.01))
+                fake.update(seed=seed, test_accuracy=r["test_accuracy"] + step,
+                            test_accuracy_plain=r["test_accuracy_plain"] + step)
+                runs.append(fake)
+    (tmp_path / "runs").mkdir()
+    for i, r in enumerate(runs):
+        (tmp_path / "runs" / f"{i:03d}.json").write_text(json.dumps(r))
+    return study.summarize(tmp_path, planned=64), runs
+
+
+def test_a_complete_grid_reads_as_complete(rf, committed, tmp_path):
+    summary, runs = _grid_filled_up(committed, tmp_path)
+    assert rf.complete(summary)
+    text = rf.table_section(summary) + rf.findings(summary, runs)
+    assert text.startswith(f"Summary of all {summary['runs']} runs (")
+    assert "so far" not in text and "The grid is complete." in text
+    assert "Every cell holds its planned seeds: 5 on MNIST, 3 on CIFAR-10." in text
+    assert "remaining cells" not in text
+
+
+def test_margin_heads_are_judged_against_softmax_by_their_cis(rf, committed):
+    summary, runs = copy.deepcopy(committed)
+    st = rf.Study(summary, runs)
+    ci = {h: st.pair("mnist", "fair", h, "softmax")[1] for h in ("adaface", "cosface", "arcface")}
+    said = rf.against_softmax(st, "mnist")
+    for head, (lo, hi) in ci.items():
+        name = rf.HEAD_NAME[head]
+        if lo > 0:
+            assert name in said.split("beat")[0]
+        elif hi < 0:
+            assert name in said.split("worse")[0]
+        else:
+            assert "holds 0" in said
+    # move one pair's interval above 0: that head is named as beating softmax
+    for p in summary["pairs"]:
+        if p["dataset"] == "mnist" and p["preset"] == "fair" and {p["a"], p["b"]} == {"cosface", "softmax"}:
+            sign = 1 if p["a"] == "cosface" else -1
+            p["ci95"] = [sign * 0.1, sign * 0.3]
+    said = rf.against_softmax(rf.Study(summary, runs), "mnist")
+    assert said.startswith("CosFace beats plain softmax (the CI excludes 0)")
+    assert "cannot be told apart" in said and "stands out" not in said
