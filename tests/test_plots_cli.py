@@ -152,3 +152,20 @@ def test_cli_help_documents_every_option(tmp_path):
                          cwd=tmp_path)
     assert run.returncode == 2 and "heads: expected some of" in run.stderr
     assert not (tmp_path / "st").exists()      # nothing written for a bad grid
+
+
+def test_cli_lr_sets_every_heads_learning_rate(tmp_path, shared_data):
+    out = tmp_path / "res"
+    cmd = [sys.executable, "-m", "adaloss", "reproduce", "--dataset", "mnist", "--preset",
+           "paper", "--epochs", "1", "--subset", "256", "--data-root", str(shared_data),
+           "--out", str(out), "--no-progress", "--no-figures", "--threads", "1", "--lr", "3e-4"]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    results = json.loads((out / "results.json").read_text())
+    assert [r["config"]["lr"] for r in results["runs"]] == [3e-4, 3e-4]
+    assert "--lr 3e-4" in results["command"]
+    for bad in ("0", "-0.001", "nan", "inf", "fast"):
+        run = subprocess.run(cmd[:-1] + [bad] + ["--out", str(tmp_path / "bad")],
+                             capture_output=True, text=True, cwd=tmp_path)
+        assert run.returncode == 2 and "--lr: expected a positive number" in run.stderr, bad
+    assert not (tmp_path / "bad").exists()
