@@ -76,7 +76,7 @@ def test_committed_readme_matches_the_committed_study(rf, committed):
     # after `adaloss study ... --max-runs 0`, run `python benchmarks/readme_findings.py --write`
     summary, runs = committed
     readme = (ROOT / "README.md").read_text()
-    assert rf.update_readme(readme, summary, runs) == readme, \
+    assert rf.update_readme(readme, summary, runs, rf.load_extra(STUDY)) == readme, \
         "README's study section is stale: python benchmarks/readme_findings.py --write"
 
 
@@ -171,9 +171,30 @@ def test_margin_heads_are_judged_against_softmax_by_their_cis(rf, committed):
             assert "holds 0" in said
     # move one pair's interval above 0: that head is named as beating softmax
     for p in summary["pairs"]:
-        if p["dataset"] == "mnist" and p["preset"] == "fair" and {p["a"], p["b"]} == {"cosface", "softmax"}:
+        if (p["dataset"], p["preset"]) == ("mnist", "fair") and \
+                {p["a"], p["b"]} == {"cosface", "softmax"}:
             sign = 1 if p["a"] == "cosface" else -1
             p["ci95"] = [sign * 0.1, sign * 0.3]
     said = rf.against_softmax(rf.Study(summary, runs), "mnist")
     assert said.startswith("CosFace beats plain softmax (the CI excludes 0)")
     assert "cannot be told apart" in said and "stands out" not in said
+
+
+@pytest.mark.parametrize("theta, says", [(155.0, "trapped as at 1e-3, so the network"),
+                                         (60.0, "no trap either, so on this network the "
+                                                "learning rate alone decides it")])
+def test_the_lr_probe_beside_the_grid_answers_which_keeps_arcface_out(rf, committed, theta, says):
+    summary, runs = copy.deepcopy(committed)
+    before = rf.findings(summary, runs)
+    flat = " ".join(before.split())
+    assert "the grid does not separate (the `fair` ArcFace at 1e-4 would)" in flat
+    probe = copy.deepcopy([r for r in runs if (r["dataset"], r["preset"], r["head"], r["seed"])
+                           == ("cifar10", "fair", "arcface", 0)][0])
+    probe["config"]["lr"] = 1e-4
+    probe.update(test_accuracy=0.7012, theta_mean_deg=theta)
+    text = " ".join(rf.findings(summary, runs, [probe]).split())
+    assert "the grid does not separate" not in text
+    assert "the `fair` ArcFace at 1e-4 instead of 1e-3 (seed 0" in text
+    assert "scores 70.12 %" in text and says in text
+    probe["config"]["lr"] = 3e-4                   # another learning rate answers nothing here
+    assert rf.findings(summary, runs, [probe]) == before
