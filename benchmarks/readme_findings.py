@@ -479,8 +479,14 @@ def load(study: Path) -> tuple[dict, list]:
 
 
 def load_extra(study: Path) -> list:
-    """Runs beside the grid (another learning rate, say): study/extra/*.json."""
-    return [json.loads(p.read_text()) for p in sorted((study / "extra").glob("*.json"))]
+    """Runs beside the grid (another learning rate, say): the folders that
+    `adaloss reproduce --out benchmarks/study/extra/NAME` writes."""
+    extra = []
+    for path in sorted((study / "extra").glob("*/results.json")):
+        results = json.loads(path.read_text())
+        extra += [{**run, "dataset": results["dataset"], "preset": results["preset"],
+                   "command": results["command"]} for run in results["runs"]]
+    return extra
 
 
 def main(argv=None) -> None:

@@ -198,3 +198,18 @@ def test_the_lr_probe_beside_the_grid_answers_which_keeps_arcface_out(rf, commit
     assert "scores 70.12 %" in text and says in text
     probe["config"]["lr"] = 3e-4                   # another learning rate answers nothing here
     assert rf.findings(summary, runs, [probe]) == before
+
+
+def test_runs_beside_the_grid_are_read_from_reproduce_folders(rf, tmp_path):
+    import json
+
+    folder = tmp_path / "extra" / "cifar10-fair-arcface-lr1e-4"
+    folder.mkdir(parents=True)
+    (folder / "results.json").write_text(json.dumps({
+        "dataset": "cifar10", "preset": "fair", "command": "adaloss reproduce --lr 1e-4",
+        "runs": [{"head": "arcface", "seed": 0, "config": {"lr": 1e-4}}]}))
+    (tmp_path / "extra" / "notes.txt").write_text("not a run")
+    extra = rf.load_extra(tmp_path)
+    assert extra == [{"head": "arcface", "seed": 0, "config": {"lr": 1e-4}, "dataset": "cifar10",
+                      "preset": "fair", "command": "adaloss reproduce --lr 1e-4"}]
+    assert rf.load_extra(tmp_path / "nowhere") == []
