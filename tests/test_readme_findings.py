@@ -214,3 +214,18 @@ def test_runs_beside_the_grid_are_read_from_reproduce_folders(rf, tmp_path):
     assert extra == [{"head": "arcface", "seed": 0, "config": {"lr": 1e-4}, "dataset": "cifar10",
                       "preset": "fair", "command": "adaloss reproduce --lr 1e-4"}]
     assert rf.load_extra(tmp_path / "nowhere") == []
+
+
+@pytest.mark.parametrize("ci, says, mostly", [
+    ((0.2, 1.4), "are what AdaFace's adaptivity adds on this network", True),
+    ((-0.4, 1.9), "cannot tell", False),
+    ((-1.9, -0.2), "CosFace does better than AdaFace", False)])
+def test_cosface_paragraph_follows_the_adaface_cosface_interval(rf, committed, ci, says, mostly):
+    summary, runs = copy.deepcopy(committed)
+    pair = [p for p in summary["pairs"] if (p["dataset"], p["preset"]) == ("cifar10", "fair")
+            and {p["a"], p["b"]} == {"adaface", "cosface"}][0]
+    sign = 1 if pair["a"] == "adaface" else -1
+    pair["ci95"] = sorted(sign * np.asarray(ci))
+    text = " ".join(rf.findings(summary, runs).split())
+    assert says in text
+    assert ("but mostly because ArcFace's margin" in text) == mostly
