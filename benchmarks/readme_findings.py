@@ -53,6 +53,12 @@ def seeds(n: int) -> str:
     return f"{n} seed" + ("s" if n != 1 else "")
 
 
+def and_list(names) -> str:
+    """"A", "A and B", "A, B and C"."""
+    names = list(names)
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+
+
 def ci_text(ci) -> str:
     return "no CI with one pair" if ci is None else f"95 % CI [{ci[0]:+.2f}, {ci[1]:+.2f}]"
 
@@ -168,7 +174,7 @@ def against_softmax(st: Study, dataset: str) -> str:
     for key, names in groups.items():
         if not names:
             continue
-        who, many = " and ".join(names), len(names) > 1
+        who, many = and_list(names), len(names) > 1
         if key == "none":
             said.append(f"{who}: one seed, no verdict")
         else:
@@ -186,7 +192,7 @@ def how_to_read(st: Study) -> str:
     for (d, p, h), c in st.cells.items():
         if d == "cifar10" and (p, h) != ("paper", "adaface"):      # = the fair AdaFace runs
             groups.setdefault((list(PRESET_HEADS).index(p), p, c["n"]), []).append(HEAD_NAME[h])
-    done = "; ".join(f"`{p}` {' and '.join(sorted(hs))} ({seeds(n)})"
+    done = "; ".join(f"`{p}` {and_list(sorted(hs))} ({seeds(n)})"
                      for (_, p, n), hs in sorted(groups.items()))
     return wrap("How to read it: `report` cells are the report's code with its quirks (its "
                 "numbers beside them), `paper` the same two networks with the heads as published, "
