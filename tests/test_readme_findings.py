@@ -121,7 +121,7 @@ def test_committed_run_records_are_standard_json():
         assert {"dataset", "preset", "head", "seed", "history", "test_accuracy"} <= set(record)
 
 
-def _grid_filled_up(committed, tmp_path):
+def _grid_filled_up(rf, committed, tmp_path):
     """The committed records plus, for every seed not run yet, a copy of the
     cell's seed-0 record with the seed changed and the accuracy moved a little."""
     import json
@@ -133,7 +133,7 @@ def _grid_filled_up(committed, tmp_path):
     seed0 = {(r["dataset"], r["preset"], r["head"]): r for r in runs if r["seed"] == 0}
     rng = np.random.default_rng(0)
     for (dataset, preset, head), r in seed0.items():
-        for seed in range({"mnist": 5, "cifar10": 3}[dataset]):
+        for seed in range(rf.PLANNED[dataset]):
             if (dataset, preset, head, seed) not in have:
                 fake = copy.deepcopy(r)
                 step = float(rng.uniform(-0.01, 0.01))
@@ -147,7 +147,7 @@ def _grid_filled_up(committed, tmp_path):
 
 
 def test_a_complete_grid_reads_as_complete(rf, committed, tmp_path):
-    summary, runs = _grid_filled_up(committed, tmp_path)
+    summary, runs = _grid_filled_up(rf, committed, tmp_path)
     assert rf.complete(summary)
     text = rf.table_section(summary) + rf.findings(summary, runs)
     assert text.startswith(f"Summary of all {summary['runs']} runs (")
