@@ -453,18 +453,35 @@ def bottom_line(st: Study) -> str:
         "comparison is undone by its evaluation rule." + paper)
 
 
+def cpu_seconds(record) -> float:
+    return record["wall_seconds"] * record.get("threads", 1)
+
+
 def remaining(st: Study) -> str:
-    left = []
+    """The cells still short of their planned seeds, and the CPU-hours they
+    want at the pace of each cell's own finished runs."""
+    left, hours, unpaced = [], 0.0, False
     for d in ("cifar10", "mnist"):
-        cells = [f"`{p}` {HEAD_NAME[h]} ({PLANNED[d] - n})" for p, hs in PRESET_HEADS.items()
-                 for h in hs
-                 if (n := st.cell(d, p, h)["n"] if st.has(d, p, h) else 0) < PLANNED[d]]
+        cells = []
+        for p, hs in PRESET_HEADS.items():
+            for h in hs:
+                n = st.cell(d, p, h)["n"] if st.has(d, p, h) else 0
+                if n >= PLANNED[d]:
+                    continue
+                cells.append(f"`{p}` {HEAD_NAME[h]} ({PLANNED[d] - n})")
+                trained = [cpu_seconds(r) for r in st.records(d, p, h) if "same_run_as" not in r]
+                if trained:
+                    hours += (PLANNED[d] - n) * np.mean(trained) / 3600
+                elif n == 0:
+                    unpaced = True                     # no run of its own to take a pace from
         if cells:
             left.append(f"{DATA_NAME[d]}: {', '.join(cells)}")
     if not left:
         return "The grid is complete."
+    unknown = " (not counting the cells without one)" if unpaced else ""
     return wrap(f"The remaining cells ({'; '.join(left)}, seeds left per cell) resume with the "
-                "command above.")
+                f"command above: about {hours:.1f} CPU-hours at the pace of each cell's "
+                f"finished runs{unknown}.")
 
 
 def findings(summary: dict, runs: list, extra: list = ()) -> str:

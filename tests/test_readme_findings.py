@@ -229,3 +229,28 @@ def test_cosface_paragraph_follows_the_adaface_cosface_interval(rf, committed, c
     text = " ".join(rf.findings(summary, runs).split())
     assert says in text
     assert ("but mostly because ArcFace's margin" in text) == mostly
+
+
+def _hours_left(text: str) -> float:
+    if "The grid is complete." in text:
+        return 0.0
+    return float(text.split("about ")[-1].split(" CPU-hours")[0])
+
+
+def test_cpu_hours_left_follow_each_cells_own_pace(rf, committed):
+    summary, runs = copy.deepcopy(committed)
+    before = _hours_left(rf.remaining(rf.Study(summary, runs)))
+    key = ("cifar10", "fair", "cosface")
+    cell = next(c for c in summary["cells"] if (c["dataset"], c["preset"], c["head"]) == key)
+    assert cell["n"] == rf.PLANNED["cifar10"]            # a full cell, left out of the estimate
+    cosface = [r for r in runs if (r["dataset"], r["preset"], r["head"]) == key]
+    runs.remove(max(cosface, key=lambda r: r["seed"]))
+    cell["n"] -= 1
+    kept = [r["wall_seconds"] * r.get("threads", 1) for r in cosface[:-1]]
+    text = rf.remaining(rf.Study(summary, runs))
+    assert "`fair` CosFace (1)" in text and "not counting" not in text
+    assert _hours_left(text) == pytest.approx(before + np.mean(kept) / 3600, abs=0.101)  # two roundings
+    summary["cells"].remove(cell)                        # no run left to take a pace from
+    runs = [r for r in runs if (r["dataset"], r["preset"], r["head"]) != key]
+    text = rf.remaining(rf.Study(summary, runs))
+    assert "`fair` CosFace (3)" in text and "(not counting the cells without one)" in text
