@@ -181,9 +181,19 @@ def test_margin_heads_are_judged_against_softmax_by_their_cis(rf, committed):
     assert "stands out" not in said
 
 
+def _at_angle(record: dict, theta: float) -> dict:
+    """The record with every test image at target angle theta (degrees)."""
+    edges = np.asarray(record["theta_hist"]["edges"])
+    counts = np.zeros(len(edges) - 1, dtype=int)
+    counts[np.searchsorted(edges, theta, side="right") - 1] = 10000
+    record.update(theta_mean_deg=theta, theta_hist={"counts": counts.tolist(),
+                                                    "edges": edges.tolist()})
+    return record
+
+
 @pytest.mark.parametrize("theta, says", [(155.0, "trapped as at 1e-3, so the network"),
-                                         (60.0, "no trap either, so on this network the "
-                                                "learning rate alone decides it")])
+                                         (60.0, "no trap either: on the AdaFace network too "
+                                                "the smaller learning rate keeps ArcFace out")])
 def test_the_lr_probe_beside_the_grid_answers_which_keeps_arcface_out(rf, committed, theta, says):
     summary, runs = copy.deepcopy(committed)
     before = rf.findings(summary, runs)
@@ -192,7 +202,7 @@ def test_the_lr_probe_beside_the_grid_answers_which_keeps_arcface_out(rf, commit
     probe = copy.deepcopy([r for r in runs if (r["dataset"], r["preset"], r["head"], r["seed"])
                            == ("cifar10", "fair", "arcface", 0)][0])
     probe["config"]["lr"] = 1e-4
-    probe.update(test_accuracy=0.7012, theta_mean_deg=theta)
+    _at_angle(probe, theta).update(test_accuracy=0.7012)
     text = " ".join(rf.findings(summary, runs, [probe]).split())
     assert "the grid does not separate" not in text
     assert "the `fair` ArcFace at 1e-4 instead of 1e-3 (seed 0" in text
@@ -234,7 +244,7 @@ def test_cosface_paragraph_follows_the_adaface_cosface_interval(rf, committed, c
 def _hours_left(text: str) -> float:
     if "The grid is complete." in text:
         return 0.0
-    return float(text.split("about ")[-1].split(" CPU-hours")[0])
+    return float(" ".join(text.split()).split("about ")[-1].split(" CPU-hours")[0])
 
 
 def test_cpu_hours_left_follow_each_cells_own_pace(rf, committed):
@@ -254,3 +264,28 @@ def test_cpu_hours_left_follow_each_cells_own_pace(rf, committed):
     runs = [r for r in runs if (r["dataset"], r["preset"], r["head"]) != key]
     text = rf.remaining(rf.Study(summary, runs))
     assert "`fair` CosFace (3)" in text and "(not counting the cells without one)" in text
+
+
+@pytest.mark.parametrize("angles, says", [
+    ((60.0, 60.0), "mean θ_y 60°): no trap. Whether its smaller learning rate or its network "
+                   "keeps it out"),
+    ((155.0, 155.0), "mean θ_y 155°): trapped the same way. `paper`"),
+    ((60.0, 155.0), "seed 0 stays out of the trap (mean θ_y 60°), seed 1 falls into it (100 % "
+                    "of the test set between 148° and 160° at the end"),
+])
+def test_paper_arcface_paragraph_follows_each_seeds_angles(rf, committed, angles, says):
+    summary, runs = copy.deepcopy(committed)
+    paper = [r for r in runs if (r["dataset"], r["preset"], r["head"]) == ("cifar10", "paper",
+                                                                            "arcface")]
+    for r in paper:                    # even seeds take the first angle, odd ones the second
+        _at_angle(r, angles[r["seed"] % 2])
+    n = len(paper)
+    if n < 2:
+        pytest.fail("the committed study holds fewer than 2 `paper` ArcFace seeds on CIFAR-10")
+    text = " ".join(rf.cifar_paper_arcface(rf.Study(summary, runs)).split())
+    if n > 2 and angles == (60.0, 155.0):
+        says = says.replace("seed 0 stays", "seeds 0 and 2 stay")
+    assert says in text
+    if angles == (60.0, 155.0):        # a trapped seed classified right at over 140°
+        acc = 100 * paper[1]["test_accuracy"]
+        assert f"at least {acc:.0f} % of the test set is classified right" in text
