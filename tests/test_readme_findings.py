@@ -48,7 +48,7 @@ def test_cells_not_run_are_left_out(rf, committed):
     summary["pairs"] = [p for p in summary["pairs"]
                         if p["dataset"] != "cifar10" or "cosface" not in (p["a"], p["b"])]
     runs = [r for r in runs if (r["dataset"], r["head"]) != ("cifar10", "cosface")]
-    text = rf.findings(summary, runs)
+    text = " ".join(rf.findings(summary, runs).split())
     assert "CosFace, with AdaFace's m = 0.4" not in text
     assert "`fair` CosFace (3)" in text                  # named as remaining instead
 
@@ -257,12 +257,12 @@ def test_cpu_hours_left_follow_each_cells_own_pace(rf, committed):
     runs.remove(max(cosface, key=lambda r: r["seed"]))
     cell["n"] -= 1
     kept = [r["wall_seconds"] * r.get("threads", 1) for r in cosface[:-1]]
-    text = rf.remaining(rf.Study(summary, runs))
+    text = " ".join(rf.remaining(rf.Study(summary, runs)).split())
     assert "`fair` CosFace (1)" in text and "not counting" not in text
     assert _hours_left(text) == pytest.approx(before + np.mean(kept) / 3600, abs=0.101)  # two roundings
     summary["cells"].remove(cell)                        # no run left to take a pace from
     runs = [r for r in runs if (r["dataset"], r["preset"], r["head"]) != key]
-    text = rf.remaining(rf.Study(summary, runs))
+    text = " ".join(rf.remaining(rf.Study(summary, runs)).split())
     assert "`fair` CosFace (3)" in text and "(not counting the cells without one)" in text
 
 

@@ -251,7 +251,10 @@ def test_a_run_interrupted_in_its_worker_is_not_kept(tmp_path, shared_data):
     os.kill(victim, signal.SIGINT)
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 1, err
-    assert "1 run(s) failed" in err and re.search(r"interrupted after [01] of 2 epochs; not kept", err)
+    # on a loaded machine the signal can still land in the worker's start-up
+    # (imports, data), before training: then no epoch count is known
+    assert "1 run(s) failed" in err and re.search(r"interrupted( after [01] of 2 epochs)?; not kept",
+                                                  err)
     kept = sorted(p.stem for p in (tmp_path / "s" / "runs").glob("*.json"))
     assert len(kept) == 3 and err.split("- ")[1].split(":")[0] not in kept
     for name in kept:
