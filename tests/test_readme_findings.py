@@ -289,3 +289,21 @@ def test_paper_arcface_paragraph_follows_each_seeds_angles(rf, committed, angles
     if angles == (60.0, 155.0):        # a trapped seed classified right at over 140°
         acc = 100 * paper[1]["test_accuracy"]
         assert f"at least {acc:.0f} % of the test set is classified right" in text
+
+
+@pytest.mark.parametrize("diffs, says", [
+    ((-6.0, -5.9, -6.1), "ArcFace comes out ahead there, as it is in the report's own runs"),
+    ((-6.0, -1.0, -9.0), "ArcFace is ahead on all 3 seeds (the CI still holds 0), as it is"),
+    ((-6.0, 4.0, -1.0), "the two cannot be told apart there (the CI holds 0); the two networks"),
+    ((2.0, 2.1, 1.9), "AdaFace comes out ahead there too; the two networks"),
+])
+def test_bottom_line_on_the_paper_pair_follows_its_interval(rf, committed, diffs, says):
+    summary, runs = copy.deepcopy(committed)
+    pair = next(p for p in summary["pairs"] if (p["dataset"], p["preset"]) == ("cifar10", "paper"))
+    sign = 1 if pair["a"] == "adaface" else -1          # the summary's pair is a − b
+    half = 4.303 * np.std(diffs, ddof=1) / np.sqrt(3)     # t(0.975, 2 df)
+    ci = [np.mean(diffs) - half, np.mean(diffs) + half]
+    pair.update(n=3, diffs=[sign * x for x in diffs], mean_diff=sign * float(np.mean(diffs)),
+                ci95=sorted(sign * np.asarray(ci)), wilcoxon_p=0.25)
+    text = " ".join(rf.bottom_line(rf.Study(summary, runs)).split())
+    assert says in text
