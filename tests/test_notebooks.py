@@ -1,5 +1,4 @@
 """Every notebook runs top to bottom with FAST=1 (a subset, one epoch)."""
-import os
 from pathlib import Path
 
 import nbformat
