@@ -362,16 +362,25 @@ def lr_probe(st: Study, out: str) -> str:
         return (f"Whether its smaller learning rate or its network keeps {out} out, the grid "
                 "does not separate (the `fair` ArcFace at 1e-4 would). ")
     p_acc, p_ep = peak(probe)
+    base = next((r for r in st.records("cifar10", "fair", "arcface")
+                 if r["seed"] == probe["seed"]), None)
+    at_1e3 = ("" if base is None else
+              f"; {100 * base['test_accuracy']:.2f} % at 1e-3 from the same seed")
+    if not is_trapped(probe):
+        verdict = ("no trap either: on the AdaFace network too the smaller learning rate keeps "
+                   "ArcFace out (one seed). ")
+    else:
+        verdict = ("trapped as at 1e-3: the smaller learning rate alone does not keep ArcFace out "
+                   "of the trap; " + ("the network does. " if out == "it" else
+                                      f"the report's ArcFace network kept {out} out, not every "
+                                      "seed. "))
     return (
-        "Which of its smaller learning rate and its network keeps it out: the `fair` ArcFace "
-        f"at 1e-4 instead of 1e-3 (seed {probe['seed']}, a run beside the grid, "
+        f"Which of its smaller learning rate and its network keeps {out} out: the `fair` "
+        f"ArcFace at 1e-4 instead of 1e-3 (seed {probe['seed']}, a run beside the grid, "
         "`benchmarks/study/extra/`) scores "
-        f"{100 * probe['test_accuracy']:.2f} % (peak {p_acc:.1f} % at epoch {p_ep}; final "
-        f"training loss {final_loss(probe):.2f}, mean θ_y {probe['theta_mean_deg']:.0f}°): "
-        + ("trapped as at 1e-3, so the network, not the learning rate alone, keeps the `paper` "
-           f"ArcFace out{'' if out == 'it' else f' where it stays out ({out})'}. "
-           if is_trapped(probe) else "no trap either: on the AdaFace network too the smaller "
-           "learning rate keeps ArcFace out (one seed). "))
+        f"{100 * probe['test_accuracy']:.2f} % (peak {p_acc:.1f} % at epoch {p_ep}{at_1e3}; "
+        f"final training loss {final_loss(probe):.2f}, mean θ_y {probe['theta_mean_deg']:.0f}°): "
+        + verdict)
 
 
 def cifar_paper_arcface(st: Study) -> str | None:

@@ -55,9 +55,10 @@ def test_cells_not_run_are_left_out(rf, committed):
 
 def test_readme_rewrite_is_idempotent_and_local(rf, committed, tmp_path):
     summary, runs = committed
+    extra = rf.load_extra(STUDY)                 # the runs beside the grid, as --write reads them
     readme = (ROOT / "README.md").read_text()
-    once = rf.update_readme(readme, summary, runs)
-    assert rf.update_readme(once, summary, runs) == once
+    once = rf.update_readme(readme, summary, runs, extra)
+    assert rf.update_readme(once, summary, runs, extra) == once
     head = readme.index("Summary of ")
     assert once[:head] == readme[:head]
     assert once[once.index("## Layout"):] == readme[readme.index("## Layout"):]
@@ -191,7 +192,8 @@ def _at_angle(record: dict, theta: float) -> dict:
     return record
 
 
-@pytest.mark.parametrize("theta, says", [(155.0, "trapped as at 1e-3, so the network"),
+@pytest.mark.parametrize("theta, says", [(155.0, "trapped as at 1e-3: the smaller learning rate "
+                                                "alone does not keep ArcFace out of the trap;"),
                                          (60.0, "no trap either: on the AdaFace network too "
                                                 "the smaller learning rate keeps ArcFace out")])
 def test_the_lr_probe_beside_the_grid_answers_which_keeps_arcface_out(rf, committed, theta, says):
@@ -201,12 +203,14 @@ def test_the_lr_probe_beside_the_grid_answers_which_keeps_arcface_out(rf, commit
     assert "the grid does not separate (the `fair` ArcFace at 1e-4 would)" in flat
     probe = copy.deepcopy([r for r in runs if (r["dataset"], r["preset"], r["head"], r["seed"])
                            == ("cifar10", "fair", "arcface", 0)][0])
+    runs_at_1e3 = probe["test_accuracy"]
     probe["config"]["lr"] = 1e-4
     _at_angle(probe, theta).update(test_accuracy=0.7012)
     text = " ".join(rf.findings(summary, runs, [probe]).split())
     assert "the grid does not separate" not in text
     assert "the `fair` ArcFace at 1e-4 instead of 1e-3 (seed 0" in text
     assert "scores 70.12 %" in text and says in text
+    assert f"; {100 * runs_at_1e3:.2f} % at 1e-3 from the same seed;" in text
     probe["config"]["lr"] = 3e-4                   # another learning rate answers nothing here
     assert rf.findings(summary, runs, [probe]) == before
 
