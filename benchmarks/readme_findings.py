@@ -354,9 +354,10 @@ def seed_list(records) -> tuple[str, str]:
     return "seeds " + and_list(str(r["seed"]) for r in records), ""
 
 
-def lr_probe(st: Study, out: str) -> str:
+def lr_probe(st: Study, out: str, caught: str = "") -> str:
     """What the `fair` ArcFace at lr 1e-4 beside the grid says about what keeps
-    the `paper` ArcFace (out = "it" or the seeds that escape) out of the trap."""
+    the `paper` ArcFace (out = "it" or the seeds that escape; caught = the
+    seeds that do not) out of the trap."""
     probe = st.extra_run("cifar10", "fair", "arcface", 1e-4)
     if probe is None:
         return (f"Whether its smaller learning rate or its network keeps {out} out, the grid "
@@ -371,9 +372,9 @@ def lr_probe(st: Study, out: str) -> str:
                    "ArcFace out (one seed). ")
     else:
         verdict = ("trapped as at 1e-3: the smaller learning rate alone does not keep ArcFace out "
-                   "of the trap; " + ("the network does. " if out == "it" else
-                                      f"the report's ArcFace network kept {out} out, not every "
-                                      "seed. "))
+                   "of the trap; " + ("the network does. " if not caught else
+                                      f"the report's ArcFace network kept {out} out, and not "
+                                      f"{caught}. "))
     return (
         f"Which of its smaller learning rate and its network keeps {out} out: the `fair` "
         f"ArcFace at 1e-4 instead of 1e-3 (seed {probe['seed']}, a run beside the grid, "
@@ -407,7 +408,7 @@ def cifar_paper_arcface(st: Study) -> str | None:
             f"{per_seed(caught)} %: trapped on this network, ArcFace still sorts most test "
             f"images (at least {right:.0f} % of the test set is classified right while more than "
             "140° from its own class weight, every other class weight farther still). "
-            + lr_probe(st, out))
+            + lr_probe(st, out, ins))
     return wrap(
         "On the report's ArcFace network with the published head and the report's learning rate "
         f"for it (1e-4, the `paper` preset), ArcFace scores {per_seed(recs)} % over "

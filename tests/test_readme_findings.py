@@ -211,6 +211,13 @@ def test_the_lr_probe_beside_the_grid_answers_which_keeps_arcface_out(rf, commit
     assert "the `fair` ArcFace at 1e-4 instead of 1e-3 (seed 0" in text
     assert "scores 70.12 %" in text and says in text
     assert f"; {100 * runs_at_1e3:.2f} % at 1e-3 from the same seed;" in text
+    paper = [r for r in runs if (r["dataset"], r["preset"], r["head"]) == ("cifar10", "paper",
+                                                                            "arcface")]
+    free = [r for r in paper if not rf.is_trapped(r)]
+    caught = [r for r in paper if rf.is_trapped(r)]
+    if theta > 140 and free and caught:    # the committed cell: seeds in and out of the trap
+        assert (f"the report's ArcFace network kept {rf.seed_list(free)[0]} out, and not "
+                f"{rf.seed_list(caught)[0]}." in text)
     probe["config"]["lr"] = 3e-4                   # another learning rate answers nothing here
     assert rf.findings(summary, runs, [probe]) == before
 
