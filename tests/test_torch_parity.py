@@ -280,7 +280,7 @@ def test_network_20_steps(name, variant, torch, rng):
     Final weights: a free-running trajectory can be chaotic. On the CIFAR-10
     ArcFace network (s=10, lr=1e-4) every re-synchronised update agrees to
     1.3e-3, yet after 20 free steps float32 rounding, which Adam scales up in
-    the coordinates whose gradient is near 0, leaves ours 3-4 % of the
+    the coordinates whose gradient is near 0, leaves ours 2.6-4.2 % of the
     distance the weights moved off float64, 1 or 2 threads alike, and PyTorch
     float32 0.2-1.2 % (AMD EPYC with AVX-512, 2026-11-29; on the machines
     before, ours had stayed within PyTorch float32's distance). Where ours
