@@ -295,8 +295,8 @@ def test_network_20_steps(name, variant, torch, rng):
                              dtype=np.uint8), rng.integers(0, 10, 64)) for _ in range(20)]
     qualities, grad_errors, update_errors = [], {}, {}
     for step, (x, y) in enumerate(batches):
-        before = net.state_dict()
-        forced.load(before, head.weight)
+        forced.load(net.state_dict(), head.weight)
+        before = {**net.state_dict(), "head": head.weight.copy()}
         forced.load_adam(trainer.optimizer.state_dict())
         forced.state = dict(ref.state)
         loss = trainer.step(x, y)
@@ -305,14 +305,16 @@ def test_network_20_steps(name, variant, torch, rng):
             # q is amplified float32 rounding noise (DESIGN.md): PyTorch gets ours
             quality = head.last_batch()["quality"].copy()
         qualities.append(quality)
-        forced.net.zero_grad()
+        forced.opt.zero_grad()   # the trained head too (its grad would pile up)
         forced.loss(x, y, quality).backward()
         for k, p in forced.net.named_parameters():
             ours = {q.name: q for q in net.parameters()}[k].grad
             grad_errors[(step, k)] = frobenius_err(ours, p.grad.numpy())
         forced.opt.step()        # one whole update (Adam included) from our weights and state
-        after, state, offset = net.state_dict(), trainer.optimizer.state_dict(), 0
-        for k, p in forced.net.named_parameters():
+        after = {**net.state_dict(), "head": head.weight}
+        state, offset = trainer.optimizer.state_dict(), 0
+        trained = [("head", forced.weight)] if cfg["trained"] else []
+        for k, p in list(forced.net.named_parameters()) + trained:   # optimizer order
             moved = p.detach().numpy() - before[k]
             update_errors[(step, k)] = frobenius_err(after[k] - before[k], moved)
             for moment in ("exp_avg", "exp_avg_sq"):         # and the state it leaves
