@@ -12,7 +12,8 @@ epoch of each.
     python benchmarks/bench_train.py --quick         # fewer repeats
     python benchmarks/bench_train.py --nets mnist-arcface --batches 64 --threads 2
 
-Writes benchmarks/results/<date>-<host>.json and prints a Markdown table.
+Writes benchmarks/results/<date>-<host>.json (-2, -3, ... for a later run of the
+same day) and prints a Markdown table.
 """
 from __future__ import annotations
 
@@ -20,7 +21,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import socket
 import subprocess
 import sys
@@ -47,12 +47,12 @@ HEADS = {  # the report's settings
 def flops_per_image(layers, channels, size, train: bool) -> float:
     """Multiply-adds x 2 of every convolution and linear layer; backward counts
     the weight gradient and (except for the first layer) the input gradient."""
-    total, c, h, first = 0.0, channels, size, True
+    total, h, first = 0.0, size, True
     for spec in layers:
         if spec[0] == "conv":
             f = 2.0 * spec[2] * h * h * spec[1] * 9
             total += f * ((3 if not first else 2) if train else 1)
-            c, first = spec[2], False
+            first = False
         elif spec[0] == "pool":
             h //= 2
         elif spec[0] == "linear":
@@ -239,6 +239,36 @@ def mnist_epoch(torch, threads: int) -> dict:
     return res
 
 
+def results_path(new: bool) -> Path:
+    """benchmarks/results/<date>-<host>.json. A new run never overwrites an
+    earlier one of the same day (-2, -3, ... are added); --rss-only merges into
+    the newest of the day."""
+    stem = f"{time.strftime('%Y-%m-%d')}-{socket.gethostname()}"
+    folder = HERE / "results"
+    if not new:
+        runs = sorted(folder.glob(f"{stem}*.json"), key=lambda q: q.stat().st_mtime)
+        return runs[-1] if runs else folder / f"{stem}.json"
+    path, n = folder / f"{stem}.json", 1
+    while path.exists():
+        n += 1
+        path = folder / f"{stem}-{n}.json"
+    return path
+
+
+def cpu_model() -> str:
+    """The CPU's model name and its widest vector extension (AVX-512 or AVX2)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines()
+                 if line.startswith("model name")), platform.machine())
+    flags = next((line.split(":", 1)[1].split() for line in info.splitlines()
+                  if line.startswith("flags")), [])
+    return name + (" with AVX-512" if "avx512f" in flags else " with AVX2" if "avx2" in flags
+                   else "")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--nets", default=",".join(REPORT_NETS))
@@ -258,9 +288,8 @@ def main() -> int:
     import torch
 
     nets = args.nets.split(",")
-    default_out = HERE / "results" / f"{time.strftime('%Y-%m-%d')}-{socket.gethostname()}.json"
     if args.rss_only:
-        out = Path(args.out or default_out)
+        out = Path(args.out or results_path(new=False))
         results = json.loads(out.read_text())
         results["peak_rss_mib_batch256"] = {
             name: {"adaloss": peak_rss(name, "adaloss"), "torch": peak_rss(name, "torch")}
@@ -270,7 +299,7 @@ def main() -> int:
         print(results["table"])
         return 0
     results = {"date": time.strftime("%Y-%m-%d %H:%M"), "host": socket.gethostname(),
-               "cpu": platform.processor() or platform.machine(), "adaloss": adaloss.__version__,
+               "cpu": cpu_model(), "adaloss": adaloss.__version__,
                "torch": torch.__version__, "repeats": args.repeats, "steps": args.steps,
                "configs": [], "sgemm_peak_gflops": {}}
     for threads in map(int, args.threads.split(",")):
@@ -296,7 +325,7 @@ def main() -> int:
         results["mnist_epoch_seconds"] = mnist_epoch(torch, 2)
     table = markdown(results)
     results["table"] = table
-    out = Path(args.out or default_out)
+    out = Path(args.out or results_path(new=True))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
     tmp.write_text(json.dumps(results, indent=1))
