@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import socket
 import subprocess
 import sys
@@ -34,6 +33,7 @@ sys.path.insert(0, str(HERE.parent / "tests"))
 from reference import REPORT_NETS, adaloss_net, torch_head_loss, torch_net  # noqa: E402
 
 import adaloss  # noqa: E402
+from results_io import cpu_model, fresh_path  # noqa: E402
 from adaloss import _core  # noqa: E402
 
 HEADS = {  # the report's settings
@@ -245,28 +245,10 @@ def results_path(new: bool) -> Path:
     the newest of the day."""
     stem = f"{time.strftime('%Y-%m-%d')}-{socket.gethostname()}"
     folder = HERE / "results"
-    if not new:
-        runs = sorted(folder.glob(f"{stem}*.json"), key=lambda q: q.stat().st_mtime)
-        return runs[-1] if runs else folder / f"{stem}.json"
-    path, n = folder / f"{stem}.json", 1
-    while path.exists():
-        n += 1
-        path = folder / f"{stem}-{n}.json"
-    return path
-
-
-def cpu_model() -> str:
-    """The CPU's model name and its widest vector extension (AVX-512 or AVX2)."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor() or platform.machine()
-    name = next((line.split(":", 1)[1].strip() for line in info.splitlines()
-                 if line.startswith("model name")), platform.machine())
-    flags = next((line.split(":", 1)[1].split() for line in info.splitlines()
-                  if line.startswith("flags")), [])
-    return name + (" with AVX-512" if "avx512f" in flags else " with AVX2" if "avx2" in flags
-                   else "")
+    if new:
+        return fresh_path(folder, stem)
+    runs = sorted(folder.glob(f"{stem}*.json"), key=lambda q: q.stat().st_mtime)
+    return runs[-1] if runs else folder / f"{stem}.json"
 
 
 def main() -> int:

@@ -14,7 +14,8 @@ between; it does not involve PyTorch.
     python benchmarks/bench_workers.py                    # ~5 min on 2 cores
     python benchmarks/bench_workers.py --seconds 10 --repeats 3 --datasets mnist
 
-Writes benchmarks/results/workers-<date>-<host>.json and prints a Markdown table.
+Writes benchmarks/results/workers-<date>-<host>.json (-2, -3, ... for a later run
+of the same day) and prints a Markdown table.
 """
 from __future__ import annotations
 
@@ -22,11 +23,12 @@ import argparse
 import json
 import multiprocessing
 import os
-import platform
 import socket
 import statistics
 import time
 from pathlib import Path
+
+from results_io import cpu_model, fresh_path
 
 HERE = Path(__file__).resolve().parent
 
@@ -99,10 +101,10 @@ def main(argv=None) -> dict:
               f"{r['img_per_s_median']:.0f} ({r['min']:.0f}-{r['max']:.0f}) | "
               f"{r['ratio_to_one_worker']:.2f} |")
     result = {"date": time.strftime("%Y-%m-%d %H:%M"), "host": socket.gethostname(),
-              "cpu": platform.processor() or platform.machine(), "cores": args.cores,
+              "cpu": cpu_model(), "cores": args.cores,
               "seconds": args.seconds, "repeats": args.repeats, "batch": args.batch, "rows": rows}
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"workers-{time.strftime('%Y-%m-%d')}-{socket.gethostname()}.json"
+    path = fresh_path(args.out, f"workers-{time.strftime('%Y-%m-%d')}-{socket.gethostname()}")
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(result, indent=1) + "\n")
     os.replace(tmp, path)                                # never a half-written result
