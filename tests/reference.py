@@ -3,7 +3,9 @@ differences) and PyTorch re-implementations of every head and of the report's
 four networks. Nothing here imports adaloss's internals."""
 from __future__ import annotations
 
+import importlib.util
 import math
+from pathlib import Path
 
 import numpy as np
 
@@ -220,3 +222,12 @@ def make_head(adaloss, kind, variant, num_classes, dim, s, m, h=0.333):
     if kind == "arcface":
         return adaloss.ArcFace(num_classes, dim, s=s, m=m, variant=variant)
     return adaloss.AdaFace(num_classes, dim, s=s, m=m, h=h, variant=variant)
+
+
+def benchmark_module(name: str):
+    """benchmarks/<name>.py imported as a module (the scripts are not a package)."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

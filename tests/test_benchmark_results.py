@@ -1,20 +1,9 @@
 """The benchmarks never overwrite an earlier results file."""
-import importlib.util
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _results_io():
-    spec = importlib.util.spec_from_file_location("results_io",
-                                                  ROOT / "benchmarks" / "results_io.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from reference import benchmark_module
 
 
 def test_a_new_results_file_never_replaces_an_earlier_one(tmp_path):
-    io = _results_io()
+    io = benchmark_module("results_io")
     first = io.fresh_path(tmp_path, "2026-11-29-host")
     assert first == tmp_path / "2026-11-29-host.json"
     first.write_text("{}")
@@ -26,5 +15,5 @@ def test_a_new_results_file_never_replaces_an_earlier_one(tmp_path):
 
 
 def test_the_cpu_is_named():
-    cpu = _results_io().cpu_model()
+    cpu = benchmark_module("results_io").cpu_model()
     assert isinstance(cpu, str) and cpu.strip()

@@ -2,11 +2,11 @@
 committed study folder: its numbers are the summary's, cells not run yet are
 left out, and rewriting the README twice changes nothing."""
 import copy
-import importlib.util
 from pathlib import Path
 
 import numpy as np
 import pytest
+from reference import benchmark_module
 
 ROOT = Path(__file__).resolve().parents[1]
 STUDY = ROOT / "benchmarks" / "study"
@@ -14,11 +14,7 @@ STUDY = ROOT / "benchmarks" / "study"
 
 @pytest.fixture(scope="module")
 def rf():
-    spec = importlib.util.spec_from_file_location("readme_findings",
-                                                  ROOT / "benchmarks" / "readme_findings.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_module("readme_findings")
 
 
 @pytest.fixture(scope="module")
