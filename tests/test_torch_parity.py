@@ -295,8 +295,9 @@ def test_network_20_steps(name, variant, torch, rng):
                              dtype=np.uint8), rng.integers(0, 10, 64)) for _ in range(20)]
     qualities, grad_errors, update_errors = [], {}, {}
     for step, (x, y) in enumerate(batches):
-        forced.load(net.state_dict(), head.weight)
-        before = {**net.state_dict(), "head": head.weight.copy()}
+        weights = net.state_dict()
+        forced.load(weights, head.weight)
+        before = {**weights, "head": head.weight.copy()}
         forced.load_adam(trainer.optimizer.state_dict())
         forced.state = dict(ref.state)
         loss = trainer.step(x, y)
