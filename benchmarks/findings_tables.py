@@ -1,0 +1,365 @@
+#!/usr/bin/env python3
+"""Keep the study's numbers in docs/findings.md (and README.md) equal to the study.
+
+The prose of docs/findings.md is written by hand; this script owns two things
+in it (and in README.md and any other docs/*.md), both read from benchmarks/study/summary.json (and the run records in
+benchmarks/study/runs/ and benchmarks/study/extra/):
+
+1. Tables, between marker comments. The script replaces what lies between
+
+       <!-- table:NAME -->
+       ...
+       <!-- /table -->
+
+   with the table NAME: ``cells-mnist`` / ``cells-cifar10`` (every cell of a
+   data set), ``pairs-mnist`` / ``pairs-cifar10`` (the paired differences
+   between heads) and ``headline`` (the report's four experiments, for the
+   README).
+
+2. Annotated numbers. A number followed by an annotation comment is checked
+   against the study at the precision it is written with (``+2.44`` must be
+   the value rounded to two decimals; ``−`` and ``-`` are both minus signs):
+
+       +2.44 <!-- pair: cifar10 fair adaface softmax mean_diff -->
+       66.33 <!-- cell: cifar10 fair adaface mean -->
+       36.2 <!-- study: cpu_hours -->
+       68.54 <!-- run: cifar10-fair-arcface-seed0 peak_accuracy -->
+       66.72 <!-- run: extra/cifar10-fair-arcface-lr1e-4 test_accuracy -->
+       14.6 <!-- diff: cell cifar10 report arcface margin_free_mean | cell cifar10 report arcface mean -->
+
+   ``cell: DATASET PRESET HEAD FIELD``: FIELD of that cell of
+   ``summary.json["cells"]``; a dotted path indexes lists (``ci95.0`` is the
+   lower bound, ``accuracies.2`` seed index 2).
+   ``pair: DATASET PRESET A B FIELD``: the pair of heads A and B of
+   ``summary.json["pairs"]`` oriented as A − B: when the summary stores B − A,
+   ``mean_diff`` and ``diffs`` change sign and ``ci95`` becomes
+   ``[-high, -low]``.
+   ``study: FIELD``: a top-level field of summary.json (``runs``,
+   ``cpu_hours``).
+   ``run: NAME FIELD``: one run record, ``runs/NAME.json``, or the single run of
+   ``extra/FOLDER/results.json`` for ``extra/FOLDER``. FIELD is a key of the
+   record (``theta_mean_deg``, ``wall_seconds``) or one of the derived values
+   in RUN_FIELDS (accuracies in %; ``theta_share_LO_HI`` is the % of the test
+   set whose angle to its own class weight lies in [LO°, HI°), HI defaulting
+   to 180).
+   ``diff: KIND ARGS | KIND ARGS``: the first value minus the second, each
+   written as above without the colon.
+
+    python benchmarks/findings_tables.py            # check: exit 1 and list what differs
+    python benchmarks/findings_tables.py --write    # rewrite the tables in place
+
+Run ``--write`` after ``adaloss study ... --max-runs 0`` refreshed the summary;
+then read ``--check``'s list of annotated numbers that no longer hold and
+rewrite those sentences by hand.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+STUDY = ROOT / "benchmarks" / "study"
+
+
+def doc_files() -> list:
+    """The files checked: README.md and every docs/*.md (tables may sit in any)."""
+    return [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+PRESETS = ("report", "paper", "fair")
+HEADS = ("adaface", "arcface", "cosface", "softmax")
+HEAD_NAME = {"adaface": "AdaFace", "arcface": "ArcFace", "cosface": "CosFace",
+             "softmax": "softmax"}
+DATA_NAME = {"mnist": "MNIST", "cifar10": "CIFAR-10"}
+
+TABLE_RE = re.compile(r"(<!-- table:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /table -->)", re.S)
+NUMBER = r"(?P<number>[+\-−]?\d+(?:\.\d+)?)"
+NOTE_RE = re.compile(r"<!-- (?P<kind>cell|pair|study|run|diff): (?P<args>[^>]*?) -->")
+ANNOTATED_RE = re.compile(NUMBER + r"\s+" + NOTE_RE.pattern)
+
+
+class FindingsError(ValueError):
+    """An annotation that names nothing in the study, or a malformed one."""
+
+
+# ---- reading the study ------------------------------------------------------
+
+def load_study(study_dir: Path = STUDY) -> dict:
+    """summary.json plus a loader for run records."""
+    summary = json.loads((Path(study_dir) / "summary.json").read_text())
+    return {"summary": summary, "dir": Path(study_dir)}
+
+
+def _cell(summary: dict, dataset: str, preset: str, head: str) -> dict:
+    for c in summary["cells"]:
+        if (c["dataset"], c["preset"], c["head"]) == (dataset, preset, head):
+            return c
+    raise FindingsError(f"no cell {dataset} {preset} {head} in summary.json")
+
+
+def oriented_pair(summary: dict, dataset: str, preset: str, a: str, b: str) -> dict:
+    """The summary's pair of heads a and b, as a − b."""
+    for p in summary["pairs"]:
+        if (p["dataset"], p["preset"]) != (dataset, preset):
+            continue
+        if (p["a"], p["b"]) == (a, b):
+            return p
+        if (p["a"], p["b"]) == (b, a):
+            ci = p["ci95"]
+            return dict(p, a=a, b=b, mean_diff=-p["mean_diff"],
+                        diffs=[-x for x in p["diffs"]],
+                        ci95=None if ci is None or None in ci else [-ci[1], -ci[0]])
+    raise FindingsError(f"no {a} − {b} pair for {dataset} {preset} in summary.json")
+
+
+def _peak(r: dict) -> tuple[float, int]:
+    acc = r["history"]["test_accuracy"]
+    i = max(range(len(acc)), key=acc.__getitem__)
+    return 100 * acc[i], r["history"]["epochs"][i]
+
+
+def _theta_share(r: dict, lo: float, hi: float = 180.0) -> float:
+    """% of the test set whose angle to its own class weight is in [lo, hi)."""
+    h = r["theta_hist"]
+    counts, edges = h["counts"], h["edges"]
+    inside = sum(c for c, e0, e1 in zip(counts, edges, edges[1:]) if e0 >= lo and e1 <= hi)
+    return 100 * inside / sum(counts)
+
+
+RUN_FIELDS = {
+    "test_accuracy": lambda r: 100 * r["test_accuracy"],             # final, %
+    "test_accuracy_plain": lambda r: 100 * r["test_accuracy_plain"],  # margin-free, %
+    "peak_accuracy": lambda r: _peak(r)[0],                           # best epoch, %
+    "peak_epoch": lambda r: _peak(r)[1],
+    "final_train_loss": lambda r: r["history"]["train_loss"][-1],
+}
+THETA_FIELD = re.compile(r"theta_share_(\d+)(?:_(\d+))?$")  # theta_share_140, theta_share_148_160
+
+
+def _run(study: dict, name: str) -> dict:
+    if name.startswith("extra/"):
+        path = study["dir"] / name / "results.json"
+        if not path.exists():
+            raise FindingsError(f"run {name}: {path} does not exist")
+        runs = json.loads(path.read_text())["runs"]
+        if len(runs) != 1:
+            raise FindingsError(f"run {name}: expected one run in {path}, found {len(runs)}")
+        return runs[0]
+    path = study["dir"] / "runs" / f"{name}.json"
+    if not path.exists():
+        raise FindingsError(f"run {name}: {path} does not exist")
+    return json.loads(path.read_text())
+
+
+def _path(value, dotted: str, what: str):
+    for part in dotted.split("."):
+        try:
+            value = value[int(part)] if isinstance(value, list) else value[part]
+        except (KeyError, IndexError, ValueError, TypeError):
+            raise FindingsError(f"{what}: no field {dotted!r}") from None
+    return value
+
+
+KINDS = ("cell", "pair", "study", "run")
+
+
+def lookup(study: dict, kind: str, args: str) -> float:
+    """The study's value an annotation names."""
+    summary, words = study["summary"], args.split()
+    if kind == "diff":
+        parts = [part.split(None, 1) for part in args.split("|")]
+        if len(parts) != 2 or any(len(part) != 2 or part[0] not in KINDS for part in parts):
+            raise FindingsError(f"'diff: {args}': expected 'KIND ARGS | KIND ARGS' with KIND "
+                                f"one of {', '.join(KINDS)}")
+        return lookup(study, *parts[0]) - lookup(study, *parts[1])
+    if kind not in KINDS:
+        raise FindingsError(f"unknown annotation kind {kind!r}")
+    shapes = {"cell": 4, "pair": 5, "study": 1, "run": 2}
+    if len(words) != shapes[kind]:
+        raise FindingsError(f"'{kind}: {args}': expected {shapes[kind]} words after '{kind}:'")
+    if kind == "cell":
+        value = _path(_cell(summary, *words[:3]), words[3], f"cell {' '.join(words[:3])}")
+    elif kind == "pair":
+        value = _path(oriented_pair(summary, *words[:4]), words[4],
+                      f"pair {' '.join(words[:4])}")
+    elif kind == "study":
+        value = _path(summary, words[0], "summary.json")
+    else:
+        record, field = _run(study, words[0]), words[1]
+        theta = THETA_FIELD.match(field)
+        if theta:
+            value = _theta_share(record, float(theta[1]), float(theta[2] or 180))
+        elif field in RUN_FIELDS:
+            value = RUN_FIELDS[field](record)
+        else:
+            value = _path(record, field, f"run {words[0]}")
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise FindingsError(f"'{kind}: {args}' is {value!r}, not a number")
+    return float(value)
+
+
+# ---- tables -----------------------------------------------------------------
+
+def _ci(ci, signed: bool = False) -> str:
+    if ci is None or None in ci:
+        return "–"
+    f = "{:+.2f}" if signed else "{:.2f}"
+    return "[" + ", ".join(f.format(x) for x in ci) + "]"
+
+
+def _cells(summary: dict, dataset: str) -> list:
+    order = {(p, h): i for i, (p, h) in enumerate((p, h) for p in PRESETS for h in HEADS)}
+    cells = [c for c in summary["cells"] if c["dataset"] == dataset]
+    return sorted(cells, key=lambda c: order.get((c["preset"], c["head"]), len(order)))
+
+
+def table_cells(summary: dict, dataset: str) -> str:
+    rows = ["| preset | head | seeds | accuracy % (mean ± std) | 95 % CI | margin-free % "
+            "| report % |", "|---|---|---|---|---|---|---|"]
+    for c in _cells(summary, dataset):
+        sd = f" ± {c['std']:.2f}" if c["n"] > 1 else ""
+        report = "–" if c["report"] is None else f"{c['report']:.2f}"
+        rows.append(f"| {c['preset']} | {HEAD_NAME[c['head']]} | {c['n']} | {c['mean']:.2f}{sd} "
+                    f"| {_ci(c['ci95'])} | {c['margin_free_mean']:.2f} | {report} |")
+    return "\n".join(rows)
+
+
+def table_pairs(summary: dict, dataset: str) -> str:
+    rows = ["| preset | A − B | pairs | mean difference (points) | 95 % CI | Wilcoxon p |",
+            "|---|---|---|---|---|---|"]
+    pairs = [p for p in summary["pairs"] if p["dataset"] == dataset]
+    pairs.sort(key=lambda p: PRESETS.index(p["preset"]) if p["preset"] in PRESETS else 9)
+    for p in pairs:
+        pval = "–" if p["wilcoxon_p"] is None else f"{p['wilcoxon_p']:.3f}"
+        rows.append(f"| {p['preset']} | {HEAD_NAME[p['a']]} − {HEAD_NAME[p['b']]} | {p['n']} "
+                    f"| {p['mean_diff']:+.2f} | {_ci(p['ci95'], signed=True)} | {pval} |")
+    return "\n".join(rows)
+
+
+def table_headline(summary: dict) -> str:
+    rows = ["| experiment | report | ours, the report's code | margin-free | `fair`, same head "
+            "| `fair`: AdaFace − ArcFace (95 % CI) |", "|---|---|---|---|---|---|"]
+    for dataset in ("mnist", "cifar10"):
+        pair = oriented_pair(summary, dataset, "fair", "adaface", "arcface")
+        for head in ("arcface", "adaface"):
+            rep, fair = _cell(summary, dataset, "report", head), _cell(summary, dataset, "fair", head)
+            answer = (f"{pair['mean_diff']:+.2f} {_ci(pair['ci95'], signed=True)}"
+                      if head == "adaface" else "")
+            rows.append(f"| {DATA_NAME[dataset]} {HEAD_NAME[head]} | {rep['report']:.2f} "
+                        f"| {rep['mean']:.2f} ± {rep['std']:.2f} ({rep['n']} seeds) "
+                        f"| {rep['margin_free_mean']:.2f} | {fair['mean']:.2f} ± {fair['std']:.2f} "
+                        f"| {answer} |")
+    return "\n".join(rows)
+
+
+def table(summary: dict, name: str) -> str:
+    """The markdown table NAME (no trailing newline)."""
+    kind, _, dataset = name.partition("-")
+    if name == "headline":
+        return table_headline(summary)
+    if kind in ("cells", "pairs") and dataset in DATA_NAME:
+        return (table_cells if kind == "cells" else table_pairs)(summary, dataset)
+    raise FindingsError(f"unknown table {name!r} (cells-DATASET, pairs-DATASET, headline)")
+
+
+def fill_tables(text: str, summary: dict) -> str:
+    """text with every marked table replaced by the one summary.json gives."""
+    return TABLE_RE.sub(lambda m: m[1] + table(summary, m["name"]) + "\n" + m[4], text)
+
+
+# ---- annotated numbers -------------------------------------------------------
+
+def _as_written(value: float, written: str) -> str:
+    decimals = len(written.split(".")[1]) if "." in written else 0
+    return f"{value:.{decimals}f}"
+
+
+def check_numbers(text: str, study: dict, where: str = "") -> list:
+    """Messages for annotated numbers that differ from the study (empty: all
+    hold), and for annotations with no number right before them."""
+    problems = []
+    found = set()
+    for m in ANNOTATED_RE.finditer(text):
+        found.add(m.start("kind"))
+        line = text.count("\n", 0, m.start()) + 1
+        written = m["number"].replace("−", "-").lstrip("+")
+        try:
+            value = lookup(study, m["kind"], m["args"])
+        except FindingsError as exc:
+            problems.append(f"{where}:{line}: {exc}")
+            continue
+        if math.isnan(value) or _as_written(value, written) != written:
+            problems.append(f"{where}:{line}: {m['number']} written, the study says "
+                            f"{_as_written(value, written)} ({m['kind']}: {m['args']})")
+    for m in NOTE_RE.finditer(text):
+        if m.start("kind") not in found:
+            line = text.count("\n", 0, m.start()) + 1
+            problems.append(f"{where}:{line}: annotation '{m['kind']}: {m['args']}' "
+                            "does not follow a number")
+    return problems
+
+
+def annotated_count(text: str) -> int:
+    return len(ANNOTATED_RE.findall(text))
+
+
+# ---- the command ------------------------------------------------------------
+
+def _write_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def check(files=None, study_dir: Path = STUDY) -> list:
+    """Everything that differs: stale tables and annotated numbers that do not hold."""
+    study = load_study(study_dir)
+    problems = []
+    for path in doc_files() if files is None else files:
+        text = Path(path).read_text(encoding="utf-8")
+        try:
+            filled = fill_tables(text, study["summary"])
+        except FindingsError as exc:
+            problems.append(f"{path}: {exc}")
+            continue
+        for m_old, m_new in zip(TABLE_RE.finditer(text), TABLE_RE.finditer(filled)):
+            if m_old["body"] != m_new["body"]:
+                line = text.count("\n", 0, m_old.start()) + 1
+                problems.append(f"{path}:{line}: table {m_old['name']} differs from summary.json")
+        problems += check_numbers(text, study, str(path))
+    return problems
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--write", action="store_true", help="rewrite the tables in place")
+    mode.add_argument("--check", action="store_true", help="exit 1 if anything differs (default)")
+    parser.add_argument("--study", type=Path, default=STUDY, help="study folder (summary.json)")
+    args = parser.parse_args(argv)
+    if args.write:
+        summary = load_study(args.study)["summary"]
+        for path in doc_files():
+            text = path.read_text(encoding="utf-8")
+            new = fill_tables(text, summary)
+            if new != text:
+                _write_atomic(path, new)
+                print(f"rewrote the tables of {path.relative_to(ROOT)}")
+    problems = check(study_dir=args.study)
+    for p in problems:
+        print(p, file=sys.stderr)
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,160 @@
+"""docs/findings.md (and the README's headline table) against the study.
+
+The prose is hand-written; its tables must be what benchmarks/findings_tables.py
+makes from benchmarks/study/summary.json, and every annotated number must be
+the study's value at the precision written. The last tests show the check
+fails on a perturbed summary and on a perturbed text."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from reference import benchmark_module
+
+ROOT = Path(__file__).resolve().parents[1]
+FINDINGS = ROOT / "docs" / "findings.md"
+STUDY = ROOT / "benchmarks" / "study"
+
+
+@pytest.fixture(scope="module")
+def ft():
+    return benchmark_module("findings_tables")
+
+
+@pytest.fixture(scope="module")
+def summary():
+    return json.loads((STUDY / "summary.json").read_text())
+
+
+def _copy_study(tmp_path: Path, summary: dict) -> Path:
+    """A study folder with this summary and links to the committed run records."""
+    study = tmp_path / "study"
+    study.mkdir(parents=True)
+    (study / "summary.json").write_text(json.dumps(summary))
+    (study / "runs").symlink_to(STUDY / "runs")
+    (study / "extra").symlink_to(STUDY / "extra")
+    return study
+
+
+def test_docs_hold_the_studys_tables_and_numbers(ft):
+    problems = ft.check()
+    assert problems == [], ("docs differ from benchmarks/study/summary.json "
+                            "(python benchmarks/findings_tables.py --write, then fix the "
+                            "sentences listed):\n" + "\n".join(problems))
+
+
+def test_findings_tables_are_the_generated_ones(ft, summary):
+    text = FINDINGS.read_text(encoding="utf-8")
+    tables = {m["name"]: m["body"] for m in ft.TABLE_RE.finditer(text)}
+    assert set(tables) == {"cells-mnist", "pairs-mnist", "cells-cifar10", "pairs-cifar10"}
+    for name, body in tables.items():
+        assert body == ft.table(summary, name) + "\n", name
+    # every cell and pair of the summary is in one of the tables
+    cell_rows = sum(body.count("\n") - 2 for name, body in tables.items() if name.startswith("cells"))
+    pair_rows = sum(body.count("\n") - 2 for name, body in tables.items() if name.startswith("pairs"))
+    assert (cell_rows, pair_rows) == (len(summary["cells"]), len(summary["pairs"]))
+
+
+def test_readme_headline_table_is_generated(ft, summary):
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    tables = {m["name"]: m["body"] for m in ft.TABLE_RE.finditer(text)}
+    assert tables == {"headline": ft.table(summary, "headline") + "\n"}
+    assert "../shared" not in text
+
+
+def test_the_prose_cites_many_checked_numbers(ft):
+    text = FINDINGS.read_text(encoding="utf-8")
+    assert ft.annotated_count(text) >= 100
+    # the judgement words follow the intervals: a pair whose CI holds 0 is a tie
+    assert "cannot be told apart" in text
+
+
+def test_pair_orientation(ft, summary):
+    p = ft.oriented_pair(summary, "cifar10", "fair", "adaface", "arcface")
+    q = ft.oriented_pair(summary, "cifar10", "fair", "arcface", "adaface")
+    assert q["mean_diff"] == -p["mean_diff"]
+    assert q["ci95"] == [-p["ci95"][1], -p["ci95"][0]]
+    assert q["diffs"] == [-d for d in p["diffs"]]
+    with pytest.raises(ft.FindingsError, match="no adaface − cosface pair"):
+        ft.oriented_pair(summary, "cifar10", "paper", "adaface", "cosface")
+
+
+def test_a_perturbed_summary_is_caught(ft, summary, tmp_path):
+    changed = json.loads(json.dumps(summary))
+    for p in changed["pairs"]:
+        if (p["dataset"], p["preset"], p["a"], p["b"]) == ("cifar10", "fair", "adaface", "softmax"):
+            p["mean_diff"] += 0.05
+    study = _copy_study(tmp_path, changed)
+    problems = ft.check(files=[FINDINGS], study_dir=study)
+    assert any("table pairs-cifar10 differs" in p for p in problems), problems
+    assert any("+2.44 written, the study says 2.49" in p for p in problems), problems
+    # the unchanged summary, copied the same way, passes
+    assert ft.check(files=[FINDINGS], study_dir=_copy_study(tmp_path / "same", summary)) == []
+
+
+def test_a_perturbed_cell_mean_is_caught_at_the_precision_written(ft, summary, tmp_path):
+    changed = json.loads(json.dumps(summary))
+    for c in changed["cells"]:
+        if (c["dataset"], c["preset"], c["head"]) == ("mnist", "report", "arcface"):
+            c["margin_free_mean"] += 0.006     # 98.988 -> 98.994: still "98.99"
+    study = _copy_study(tmp_path / "a", changed)
+    numbers = [p for p in ft.check(files=[FINDINGS], study_dir=study) if "written" in p]
+    assert numbers == []
+    for c in changed["cells"]:
+        if (c["dataset"], c["preset"], c["head"]) == ("mnist", "report", "arcface"):
+            c["margin_free_mean"] += 0.004     # 98.998: now "99.00"
+    study = _copy_study(tmp_path / "b", changed)
+    numbers = [p for p in ft.check(files=[FINDINGS], study_dir=study) if "written" in p]
+    assert numbers and all("98.99 written, the study says 99.00" in p for p in numbers), numbers
+
+
+def test_a_perturbed_text_is_caught(ft, tmp_path):
+    text = FINDINGS.read_text(encoding="utf-8")
+    needle = "+5.51 <!-- pair: cifar10 fair adaface arcface mean_diff -->"
+    assert needle in text
+    for wrong, message in [
+        (needle.replace("+5.51", "+5.52"), "+5.52 written, the study says 5.51"),
+        (needle.replace("+5.51", "-5.51"), "-5.51 written, the study says 5.51"),
+        (needle.replace("arcface mean_diff", "arcface mean"), "no field 'mean'"),
+        (needle.replace("cifar10 fair", "cifar10 nice"), "no adaface − arcface pair"),
+        (needle.replace("+5.51 ", "about "), "does not follow a number"),
+    ]:
+        path = tmp_path / "findings.md"
+        path.write_text(text.replace(needle, wrong, 1), encoding="utf-8")
+        problems = ft.check(files=[path])
+        assert any(message in p for p in problems), (wrong, problems)
+
+
+def test_a_stale_table_is_rewritten(ft, summary):
+    text = FINDINGS.read_text(encoding="utf-8")
+    stale = text.replace("| fair | AdaFace − softmax | 3 | +2.44 |",
+                         "| fair | AdaFace − softmax | 3 | +2.40 |")
+    assert stale != text
+    assert ft.fill_tables(stale, summary) == text
+
+
+def test_run_and_diff_annotations(ft):
+    study = ft.load_study()
+    record = json.loads((STUDY / "runs" / "cifar10-fair-arcface-seed0.json").read_text())
+    peak = ft.lookup(study, "run", "cifar10-fair-arcface-seed0 peak_accuracy")
+    assert peak == pytest.approx(100 * max(record["history"]["test_accuracy"]))
+    share = ft.lookup(study, "run", "cifar10-fair-arcface-seed0 theta_share_0")
+    assert share == pytest.approx(100.0)
+    diff = ft.lookup(study, "diff", "cell mnist report adaface report | "
+                                    "cell mnist report arcface report")
+    assert diff == pytest.approx(99.11 - 97.86)
+    with pytest.raises(ft.FindingsError, match="expected 'KIND ARGS | KIND ARGS'"):
+        ft.lookup(study, "diff", "cell mnist report adaface report")
+    with pytest.raises(ft.FindingsError, match="does not exist"):
+        ft.lookup(study, "run", "mnist-fair-arcface-seed9 peak_accuracy")
+
+
+def test_write_is_atomic_and_leaves_no_temporary_file(ft, tmp_path):
+    path = tmp_path / "doc.md"
+    path.write_text("old")
+    ft._write_atomic(path, "new")
+    assert path.read_text() == "new"
+    assert [p.name for p in tmp_path.iterdir()] == ["doc.md"]
+
