@@ -16,7 +16,8 @@ benchmarks/study/runs/ and benchmarks/study/extra/):
    between heads) and ``headline`` (the report's four experiments, for the
    README).
 
-2. Annotated numbers. A number followed by an annotation comment is checked
+2. Annotated numbers. A number followed by an annotation comment (no space
+   needed, so that "66.33<!-- ... --> %" renders as "66.33 %") is checked
    against the study at the precision it is written with (``+2.44`` must be
    the value rounded to two decimals; ``−`` and ``-`` are both minus signs):
 
@@ -80,7 +81,7 @@ DATA_NAME = {"mnist": "MNIST", "cifar10": "CIFAR-10"}
 TABLE_RE = re.compile(r"(<!-- table:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /table -->)", re.S)
 NUMBER = r"(?P<number>[+\-−]?\d+(?:\.\d+)?)"
 NOTE_RE = re.compile(r"<!-- (?P<kind>cell|pair|study|run|diff): (?P<args>[^>]*?) -->")
-ANNOTATED_RE = re.compile(NUMBER + r"\s+" + NOTE_RE.pattern)
+ANNOTATED_RE = re.compile(NUMBER + r"\s*" + NOTE_RE.pattern)
 
 
 class FindingsError(ValueError):

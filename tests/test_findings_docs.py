@@ -112,14 +112,14 @@ def test_a_perturbed_cell_mean_is_caught_at_the_precision_written(ft, summary, t
 
 def test_a_perturbed_text_is_caught(ft, tmp_path):
     text = FINDINGS.read_text(encoding="utf-8")
-    needle = "+5.51 <!-- pair: cifar10 fair adaface arcface mean_diff -->"
+    needle = "+5.51<!-- pair: cifar10 fair adaface arcface mean_diff -->"
     assert needle in text
     for wrong, message in [
         (needle.replace("+5.51", "+5.52"), "+5.52 written, the study says 5.51"),
         (needle.replace("+5.51", "-5.51"), "-5.51 written, the study says 5.51"),
         (needle.replace("arcface mean_diff", "arcface mean"), "no field 'mean'"),
         (needle.replace("cifar10 fair", "cifar10 nice"), "no adaface − arcface pair"),
-        (needle.replace("+5.51 ", "about "), "does not follow a number"),
+        (needle.replace("+5.51", "about "), "does not follow a number"),
     ]:
         path = tmp_path / "findings.md"
         path.write_text(text.replace(needle, wrong, 1), encoding="utf-8")
