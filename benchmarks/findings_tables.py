@@ -2,8 +2,9 @@
 """Keep the study's numbers in docs/findings.md (and README.md) equal to the study.
 
 The prose of docs/findings.md is written by hand; this script owns two things
-in it (and in README.md and any other docs/*.md), both read from benchmarks/study/summary.json (and the run records in
-benchmarks/study/runs/ and benchmarks/study/extra/):
+in it (and in README.md and any other docs/*.md), both read from
+benchmarks/study/summary.json and the run records in benchmarks/study/runs/
+and benchmarks/study/extra/:
 
 1. Tables, between marker comments. The script replaces what lies between
 
@@ -42,7 +43,7 @@ benchmarks/study/runs/ and benchmarks/study/extra/):
    record (``theta_mean_deg``, ``wall_seconds``) or one of the derived values
    in RUN_FIELDS (accuracies in %; ``theta_share_LO_HI`` is the % of the test
    set whose angle to its own class weight lies in [LO°, HI°), HI defaulting
-   to 180).
+   to 180; both on the record's 2° histogram bin edges).
    ``diff: KIND ARGS | KIND ARGS``: the first value minus the second, each
    written as above without the colon.
 
@@ -72,6 +73,7 @@ def doc_files() -> list:
     """The files checked: README.md and every docs/*.md (tables may sit in any)."""
     return [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
+
 PRESETS = ("report", "paper", "fair")
 HEADS = ("adaface", "arcface", "cosface", "softmax")
 HEAD_NAME = {"adaface": "AdaFace", "arcface": "ArcFace", "cosface": "CosFace",
@@ -91,7 +93,7 @@ class FindingsError(ValueError):
 # ---- reading the study ------------------------------------------------------
 
 def load_study(study_dir: Path = STUDY) -> dict:
-    """summary.json plus a loader for run records."""
+    """summary.json and the folder its run records are read from."""
     summary = json.loads((Path(study_dir) / "summary.json").read_text())
     return {"summary": summary, "dir": Path(study_dir)}
 
@@ -126,8 +128,11 @@ def _peak(r: dict) -> tuple[float, int]:
 
 def _theta_share(r: dict, lo: float, hi: float = 180.0) -> float:
     """% of the test set whose angle to its own class weight is in [lo, hi)."""
-    h = r["theta_hist"]
-    counts, edges = h["counts"], h["edges"]
+    h = r.get("theta_hist") or {}
+    counts, edges = h.get("counts"), h.get("edges", [])
+    if not counts or lo not in edges or hi not in edges:
+        raise FindingsError(f"run {r.get('name')}: theta_share needs bounds on the angle "
+                            f"histogram's bin edges (every 2°), got {lo:g} and {hi:g}")
     inside = sum(c for c, e0, e1 in zip(counts, edges, edges[1:]) if e0 >= lo and e1 <= hi)
     return 100 * inside / sum(counts)
 
@@ -322,12 +327,21 @@ def _write_atomic(path: Path, text: str) -> None:
         raise
 
 
+def _shown(path: Path) -> Path:
+    """path relative to the project when it is inside it."""
+    try:
+        return path.resolve().relative_to(ROOT)
+    except ValueError:
+        return path
+
+
 def check(files=None, study_dir: Path = STUDY) -> list:
     """Everything that differs: stale tables and annotated numbers that do not hold."""
     study = load_study(study_dir)
     problems = []
     for path in doc_files() if files is None else files:
         text = Path(path).read_text(encoding="utf-8")
+        path = _shown(Path(path))
         try:
             filled = fill_tables(text, study["summary"])
         except FindingsError as exc:

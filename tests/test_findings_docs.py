@@ -147,6 +147,8 @@ def test_run_and_diff_annotations(ft):
     assert diff == pytest.approx(99.11 - 97.86)
     with pytest.raises(ft.FindingsError, match="expected 'KIND ARGS | KIND ARGS'"):
         ft.lookup(study, "diff", "cell mnist report adaface report")
+    with pytest.raises(ft.FindingsError, match="bin edges"):
+        ft.lookup(study, "run", "cifar10-fair-arcface-seed0 theta_share_141")
     with pytest.raises(ft.FindingsError, match="does not exist"):
         ft.lookup(study, "run", "mnist-fair-arcface-seed9 peak_accuracy")
 
