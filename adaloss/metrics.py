@@ -486,7 +486,8 @@ def open_set(known_emb, known_labels, unknown_emb, class_weights=None, gallery_e
     known images whose predicted class is right; `threshold`
     $= Q_{1-\\mathrm{far}}$, the $(1 - \\mathrm{far})$ quantile of the unknown
     images' scores (NumPy's default linear interpolation); `far_achieved`,
-    the fraction of unknown images scoring above it (at most `far`); and
+    the fraction of unknown images scoring above it (about `far`; with few
+    unknown images it can exceed `far` by up to 1 / `num_unknown`); and
     `accuracy_at_far`, the fraction of known images that are predicted right
     *and* score above the threshold.
 
