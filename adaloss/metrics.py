@@ -490,7 +490,8 @@ def open_set(known_emb, known_labels, unknown_emb, class_weights=None, gallery_e
       for class $c$, so `known_labels` must lie in $[0, C)$;
     - `gallery_emb` / `gallery_labels`, embeddings of known-class images
       (e.g. training images; nearest-neighbour prediction). They must not
-      contain the test images themselves: nothing is excluded.
+      contain the test images themselves: nothing is excluded. A known image
+      whose class has no gallery image is never predicted right.
 
     For each: `auroc`, the ROC AUC of telling known (positive) from unknown
     (negative) images by the score; `closed_set_accuracy`, the fraction of

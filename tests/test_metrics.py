@@ -167,6 +167,17 @@ def test_retrieval_ties_ordered_by_gallery_index():
     assert metrics.retrieval(q, q_lab, g, np.array([0, 1]))["precision_at_1"] == 1.0
 
 
+def test_retrieval_whole_gallery_relevant():
+    # R equals the gallery size: ranked (1,0) then (0,1), both relevant
+    q = np.array([[1, 0]], np.float32)
+    got = metrics.retrieval(q, np.array([0]), np.array([[0, 1], [1, 0]], np.float32),
+                            np.array([0, 0]))
+    assert (got["precision_at_1"], got["r_precision"], got["map_at_r"]) == (1.0, 1.0, 1.0)
+    got = metrics.retrieval(q, np.array([0]), np.array([[0, 1], [1, 0]], np.float32),
+                            np.array([0, 1]))
+    assert (got["precision_at_1"], got["r_precision"], got["map_at_r"]) == (0.0, 0.0, 0.0)
+
+
 def test_retrieval_class_of_one_excluded():
     # a=(1,0) b=(.8,.6) c=(.6,.8), labels 0 0 1: c is alone in its class (R = 0) and is
     # left out of all three averages, as pytorch-metric-learning does.
