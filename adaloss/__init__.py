@@ -63,7 +63,7 @@ def __getattr__(name: str):
     # the heavier submodules load on first use, so `import adaloss` stays fast
     import importlib
 
-    if name in {"datasets", "plots", "presets", "training", "checkpoint", "cli", "study"}:
+    if name in {"datasets", "plots", "presets", "training", "checkpoint", "cli", "study", "metrics"}:
         return importlib.import_module(f".{name}", __name__)
     if name in {"fit", "evaluate", "predict", "History"}:
         return getattr(importlib.import_module(".training", __name__), name)
