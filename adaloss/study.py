@@ -32,7 +32,7 @@ from . import datasets as _datasets
 from . import presets, runs, set_num_threads
 from ._version import __version__
 from .fileio import atomic_write
-from .presets import REPORT_ACCURACY, STUDY_SEEDS, RunConfig
+from .presets import PRESETS, REPORT_ACCURACY, STUDY_SEEDS, RunConfig
 # the statistics live in adaloss.stats; their names stay importable from here
 from .stats import ci_or_none, mean_ci, paired_differences, t_quantile_975, wilcoxon_signed_rank
 
@@ -169,7 +169,7 @@ def write_summary(out, summary: dict, records: list | None = None) -> None:
         plots.save(plots.study_curves(records), out / "curves.png")
 
 
-def study(datasets=("mnist",), presets=("report", "paper", "fair"), seeds=None, out="study",
+def study(datasets=("mnist",), presets=PRESETS, seeds=None, out="study",
           epochs=None, subset=None, data_root=None, workers=None, threads_per_worker=1,
           scheduler=None, max_runs=None, progress=True, heads=None) -> dict:
     """Run the grid (skipping finished runs) and write the summary; returns it.
@@ -303,6 +303,7 @@ def _stop(pool: ProcessPoolExecutor) -> None:
 
 def _run_dask(scheduler, args, finish) -> None:
     try:
+        # deferred on purpose: Dask is optional (adaloss[dask]) and heavy
         from dask.distributed import Client, as_completed as dask_completed
     except ImportError as exc:
         raise ImportError("--scheduler needs Dask: pip install 'dask[distributed]'") from exc
