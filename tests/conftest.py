@@ -47,7 +47,10 @@ def data_root() -> Path | None:
     source = prepare_data.find_source()
     if source is None or not (source / "mnist").is_dir():
         return None
-    return prepare_data.prepare(source)
+    try:
+        return prepare_data.prepare(source)
+    except FileNotFoundError:   # MNIST only: the CIFAR-10 tests say what is missing
+        return source
 
 
 def pytest_configure(config):
