@@ -8,9 +8,10 @@
 from __future__ import annotations
 
 import ctypes
+import importlib
 import os
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 
 def _preload_openblas() -> None:
@@ -59,11 +60,13 @@ def get_num_threads() -> int:
     return _core.get_num_threads()
 
 
+_SUBMODULES = {"checkpoint", "cli", "datasets", "fileio", "metrics", "plots", "presets", "runs", "stats",
+               "study", "training"}
+
+
 def __getattr__(name: str):
     # the heavier submodules load on first use, so `import adaloss` stays fast
-    import importlib
-
-    if name in {"datasets", "plots", "presets", "training", "checkpoint", "cli", "study", "metrics"}:
+    if name in _SUBMODULES:
         return importlib.import_module(f".{name}", __name__)
     if name in {"fit", "evaluate", "predict", "History"}:
         return getattr(importlib.import_module(".training", __name__), name)

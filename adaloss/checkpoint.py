@@ -19,19 +19,19 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
-import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
 
-from .nn import Adam, Sequential, Trainer, _Head
+from .fileio import atomic_write  # noqa: F401  (also importable from here, as before)
+from .nn import Adam, Sequential, _Head
 
 MAGIC = b"ADALOSS\0"
 VERSION = 1
 HEADER = len(MAGIC) + 4 + 32
 
-__all__ = ["save", "load", "CheckpointError", "save_training", "load_latest"]
+__all__ = ["save", "load", "read", "CheckpointError", "atomic_write", "LATEST"]
 
 
 class CheckpointError(ValueError):
@@ -41,34 +41,9 @@ class CheckpointError(ValueError):
 def _architecture(net: Sequential, head: _Head) -> dict:
     return {"layers": [list(layer.spec()) for layer in net.layers],
             "input_shape": list(net.input_shape),
-            "head": {"kind": head._kind, "variant": head.variant,
+            "head": {"kind": head.kind, "variant": head.variant,
                      "num_classes": head.num_classes, "embedding_dim": head.embedding_dim,
                      "s": head.s, "m": head.m, "h": head.h, "t_alpha": head.t_alpha}}
-
-
-def atomic_write(path, data: bytes) -> None:
-    """Write bytes to path through a fsynced temporary file and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600; give the usual mode
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def save(path, net: Sequential, head: _Head, optimizer: Adam, **extra) -> None:
@@ -86,7 +61,7 @@ def save(path, net: Sequential, head: _Head, optimizer: Adam, **extra) -> None:
                           "eps": optimizer.eps, "weight_decay": optimizer.weight_decay,
                           "num_params": len(optimizer.params)},
             "running": ({"mean": head.running_mean, "std": head.running_std}
-                        if head._kind == "AdaFace" else None),
+                        if head.has_quality else None),
             "extra": extra}
     arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
     buf = io.BytesIO()
@@ -146,23 +121,18 @@ def load(path, net: Sequential, head: _Head, optimizer: Adam) -> dict:
     return meta["extra"]
 
 
-# ---- used by fit(checkpoint_dir=...)
+LATEST = "latest.ckpt"   # the file fit(checkpoint_dir=...) writes after every epoch
 
-LATEST = "latest.ckpt"
-
-
-def save_training(folder, trainer: Trainer, epoch: int, rng: np.random.Generator, history) -> None:
-    save(Path(folder) / LATEST, trainer.net, trainer.head, trainer.optimizer, epoch=epoch,
-         rng=rng.bit_generator.state, history=history.to_dict())
+_MOVED = {"save_training": "adaloss.training.save_training",
+          "load_latest": "adaloss.training.load_latest"}
 
 
-def load_latest(folder, trainer: Trainer):
-    path = Path(folder) / LATEST
-    if not path.exists():
-        return None
-    extra = load(path, trainer.net, trainer.head, trainer.optimizer)
-    from .training import History
+def __getattr__(name: str):
+    # deprecated aliases of the resume helpers, which now live beside fit
+    if name in _MOVED:
+        warnings.warn(f"adaloss.checkpoint.{name} is deprecated; use {_MOVED[name]}",
+                      DeprecationWarning, stacklevel=2)
+        from . import training  # the one upward import: only for these deprecated names
 
-    rng = np.random.default_rng()
-    rng.bit_generator.state = extra["rng"]
-    return {"epoch": extra["epoch"], "rng": rng, "history": History.from_dict(extra["history"])}
+        return getattr(training, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -8,11 +8,29 @@ import platform
 import shutil
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
 
-from . import __version__
+from . import datasets, get_num_threads, presets, runs, set_num_threads, study
+from ._version import __version__
+from .fileio import atomic_write
+
+_MOVED = {"run_one": "adaloss.runs.run_one"}
+
+
+def __getattr__(name: str):
+    # deprecated aliases: the unit of work moved to adaloss.runs
+    if name in _MOVED:
+        warnings.warn(f"adaloss.cli.{name} is deprecated; use {_MOVED[name]}",
+                      DeprecationWarning, stacklevel=2)
+        return getattr(runs, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _csv(items) -> str:
+    return ",".join(items)
 
 
 def _positive(value: str, least: int = 1) -> int:
@@ -51,14 +69,15 @@ def parser() -> argparse.ArgumentParser:
         "reproduce", help="train what a preset says and write a table, figures and results.json",
         description="Train every head of a preset on a data set, print the accuracy table, and "
                     "write results.json (every history and setting) and the figures to --out.")
-    r.add_argument("--dataset", choices=["mnist", "cifar10"], required=True,
-                   help="data set: mnist (10 epochs in the report) or cifar10 (20 epochs)")
-    r.add_argument("--preset", choices=["report", "paper", "fair"], default="report",
+    epochs = ", ".join(f"{n} for {d}" for d, n in presets.EPOCHS.items())
+    r.add_argument("--dataset", choices=presets.DATASETS, required=True,
+                   help=f"data set (the report's epochs: {epochs})")
+    r.add_argument("--preset", choices=presets.PRESETS, default=presets.DEFAULT_PRESET,
                    help="report: the report's four experiments, quirks included; paper: the "
-                        "published heads on the same networks; fair: one backbone for softmax, "
-                        "CosFace, ArcFace and AdaFace (default: report)")
+                        "published heads on the same networks; fair: one backbone for "
+                        f"{', '.join(presets.HEADS)} (default: %(default)s)")
     r.add_argument("--epochs", type=_positive, default=None,
-                   help="epochs per run (default: the report's, 10 for MNIST, 20 for CIFAR-10)")
+                   help=f"epochs per run (default: the report's, {epochs})")
     r.add_argument("--seeds", type=_positive, default=1,
                    help="number of seeds per head, 0..N-1 (default: 1)")
     r.add_argument("--heads", default=None,
@@ -78,7 +97,7 @@ def parser() -> argparse.ArgumentParser:
                    help="Adam learning rate for every head (default: the preset's, 1e-3; "
                         "1e-4 for the report's CIFAR-10 ArcFace network)")
     r.add_argument("--batch-size", type=_positive, default=None,
-                   help="batch size (default: the report's 64)")
+                   help=f"batch size (default: the report's {presets.BATCH_SIZE})")
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
     r.add_argument("--no-figures", action="store_true", help="write results.json only")
     st = sub.add_parser(
@@ -87,14 +106,16 @@ def parser() -> argparse.ArgumentParser:
                     "cluster), one JSON file per finished run in OUT/runs/ (finished runs are "
                     "skipped on restart), and write OUT/summary.json and OUT/summary.md: mean, "
                     "std and 95 % CI per cell, paired comparisons with a Wilcoxon p-value.")
-    st.add_argument("--datasets", default="mnist,cifar10", help="comma-separated (default: both)")
-    st.add_argument("--presets", default="report,paper,fair",
-                    help="comma-separated presets (default: report,paper,fair)")
-    st.add_argument("--seeds", default="mnist=5,cifar10=3",
-                    help="seeds per data set: N for all, or mnist=5,cifar10=3 (the default)")
+    st.add_argument("--datasets", default=_csv(presets.DATASETS),
+                    help="comma-separated data sets (default: %(default)s)")
+    st.add_argument("--presets", default=_csv(presets.PRESETS),
+                    help="comma-separated presets (default: %(default)s)")
+    st.add_argument("--seeds", default=_csv(f"{d}={n}" for d, n in presets.STUDY_SEEDS.items()),
+                    help="seeds per data set: N for all, or DATASET=N,... (default: %(default)s)")
     st.add_argument("--heads", default=None,
                     help="comma-separated heads to run (default: every head of each preset)")
-    st.add_argument("--out", default="benchmarks/study", help="study folder (default: %(default)s)")
+    st.add_argument("--out", default="results/study",
+                    help="study folder, relative to the current folder (default: %(default)s)")
     st.add_argument("--epochs", type=_positive, default=None, help="default: the report's")
     st.add_argument("--subset", type=_positive, default=None, metavar="N",
                     help="train on N images, test on N/5 (quick runs)")
@@ -116,49 +137,6 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def _load_data(dataset: str, root):
-    from . import datasets
-
-    return datasets.load_mnist(root) if dataset == "mnist" else datasets.load_cifar10(root)
-
-
-def _histogram(values, bins):
-    counts, edges = np.histogram(values, bins=bins)
-    return {"counts": counts.tolist(), "edges": edges.tolist()}
-
-
-def run_one(config, seed: int, data, progress: bool = True, batch_size: int | None = None) -> dict:
-    """Train one (config, seed) and return its JSON record."""
-    from . import presets, training
-
-    trainer = presets.build(config, seed)
-    t0 = time.perf_counter()
-    history = training.fit(trainer, data.train_images, data.train_labels, epochs=config.epochs,
-                           batch_size=batch_size or config.batch_size, x_test=data.test_images,
-                           y_test=data.test_labels, seed=seed, eval_rule=config.eval_rule,
-                           progress=progress)
-    wall = time.perf_counter() - t0
-    stats = training.margin_stats(trainer.net, trainer.head, data.test_images, data.test_labels)
-    rng = np.random.default_rng(seed)
-    sample = np.sort(rng.choice(len(data.test_labels), size=10, replace=False))
-    pred = training.predict(trainer.net, trainer.head, data.test_images[sample],
-                            data.test_labels[sample], rule=config.eval_rule)
-    return {
-        "name": config.name, "head": config.head, "seed": seed, "config": config.to_dict(),
-        # per-epoch records only: the per-step losses would make each file ~100x larger
-        "history": {k: v for k, v in history.to_dict().items() if k != "step_losses"},
-        "test_accuracy": history.test_accuracy[-1] if history.test_accuracy else None,
-        "test_accuracy_plain": (history.test_accuracy_plain[-1]
-                                if history.test_accuracy_plain else None),
-        "wall_seconds": wall,
-        "theta_hist": _histogram(stats["theta_deg"], np.linspace(0, 180, 91)),
-        "theta_mean_deg": float(np.mean(stats["theta_deg"])),
-        "quality_hist": (_histogram(stats["quality"], np.linspace(-1, 1, 41))
-                         if stats["quality"] is not None else None),
-        "sample_indices": sample.tolist(), "sample_predictions": pred.tolist(),
-    }
-
-
 def summary_table(results: dict) -> str:
     """Markdown table: head, accuracy per seed, mean +- std, the report's number."""
     by_head: dict = {}
@@ -166,24 +144,24 @@ def summary_table(results: dict) -> str:
         by_head.setdefault(run["head"], []).append(run)
     lines = ["| head | accuracy per seed (%) | mean ± std (%) | margin-free (%) | report (%) |",
              "|---|---|---|---|---|"]
-    for head, runs in by_head.items():
-        acc = np.array([100 * r["test_accuracy"] for r in runs])
-        plain = np.array([100 * r["test_accuracy_plain"] for r in runs])
+    for head, records in by_head.items():
+        acc = np.array([100 * r["test_accuracy"] for r in records])
+        plain = np.array([100 * r["test_accuracy_plain"] for r in records])
         std = f" ± {acc.std(ddof=1):.2f}" if len(acc) > 1 else ""
-        rep = runs[0]["config"].get("report_accuracy")
+        rep = records[0]["config"].get("report_accuracy")
         lines.append(f"| {head} | {', '.join(f'{a:.2f}' for a in acc)} | {acc.mean():.2f}{std} | "
                      f"{plain.mean():.2f} | {rep if rep is not None else '–'} |")
     return "\n".join(lines)
 
 
 def write_json(path: Path, obj) -> None:
-    from .checkpoint import atomic_write
-
+    """obj as indented JSON, written atomically."""
     atomic_write(path, json.dumps(obj, indent=1).encode())
 
 
 def make_figures(folder: Path, results: dict, data=None) -> list:
-    from . import plots
+    """The figures of a results.json (PNG and SVG) in folder; the paths written."""
+    from . import plots  # deferred on purpose: loads matplotlib, which --help and training skip
 
     written = []
     figs = plots.figures_from_results(results, data)
@@ -196,8 +174,6 @@ def make_figures(folder: Path, results: dict, data=None) -> list:
 
 
 def cmd_reproduce(args) -> int:
-    from . import datasets, presets, set_num_threads
-
     if args.threads:
         set_num_threads(args.threads)
     out = Path(args.out or f"results/{args.dataset}-{args.preset}")
@@ -219,7 +195,7 @@ def cmd_reproduce(args) -> int:
         for config in configs:
             config.lr = args.lr
     try:
-        data = _load_data(args.dataset, args.data_root)
+        data = runs.load_data(args.dataset, args.data_root)
     except datasets.DataError as exc:
         print(f"adaloss: {exc}", file=sys.stderr)
         return 1
@@ -233,15 +209,13 @@ def cmd_reproduce(args) -> int:
                "dataset": args.dataset, "preset": args.preset, "threads": None,
                "machine": platform.platform(), "subset": args.subset,
                "started": time.strftime("%Y-%m-%d %H:%M:%S"), "runs": []}
-    from . import get_num_threads
-
     results["threads"] = get_num_threads()
     t0 = time.perf_counter()
     interrupted = False
     for config in configs:
         for seed in range(args.seeds):
             print(f"== {config.name} seed {seed}: {config.epochs} epochs", flush=True)
-            record = run_one(config, seed, data, progress=not args.no_progress,
+            record = runs.run_one(config, seed, data, progress=not args.no_progress,
                              batch_size=args.batch_size)
             results["runs"].append(record)
             results["wall_seconds"] = time.perf_counter() - t0
@@ -275,7 +249,7 @@ def cmd_plot(args) -> int:
     results = json.loads(path.read_text())
     data = None
     try:
-        data = _load_data(results["dataset"], args.data_root)
+        data = runs.load_data(results["dataset"], args.data_root)
     except Exception as exc:  # figures without the sample grid
         print(f"adaloss: no sample grid ({exc})", file=sys.stderr)
     for p in make_figures(folder, results, data):
@@ -283,10 +257,10 @@ def cmd_plot(args) -> int:
     return 0
 
 
-def _parse_seeds(text: str, datasets: list) -> dict:
+def _parse_seeds(text: str, names: list) -> dict:
     try:
         if "=" not in text:
-            return {d: _positive(text) for d in datasets}
+            return {d: _positive(text) for d in names}
         seeds = {}
         for part in text.split(","):
             name, _, value = part.partition("=")
@@ -298,13 +272,11 @@ def _parse_seeds(text: str, datasets: list) -> dict:
 
 
 def cmd_study(args) -> int:
-    from . import study
-
-    datasets = [d for d in args.datasets.split(",") if d]
+    names = [d for d in args.datasets.split(",") if d]
     presets_ = [p for p in args.presets.split(",") if p]
     try:
-        seeds = _parse_seeds(args.seeds, datasets)
-        summary = study.study(datasets, presets_, seeds, args.out, epochs=args.epochs,
+        seeds = _parse_seeds(args.seeds, names)
+        summary = study.study(names, presets_, seeds, args.out, epochs=args.epochs,
                               subset=args.subset, data_root=args.data_root,
                               workers=args.workers, threads_per_worker=args.threads_per_worker,
                               scheduler=args.scheduler, max_runs=args.max_runs,

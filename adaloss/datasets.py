@@ -13,13 +13,11 @@ import gzip
 import hashlib
 import os
 import pickle
-import shutil
-import subprocess
-import sys
 import tarfile
 import tempfile
 import urllib.error
 import urllib.request
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -72,7 +70,11 @@ class Dataset:
     classes: list = field(default_factory=list)
     name: str = ""
 
-    def __iter__(self):  # (x_train, y_train), (x_test, y_test), classes
+    def __iter__(self):
+        """Deprecated: (x_train, y_train), (x_test, y_test), classes; use the fields."""
+        warnings.warn("unpacking a Dataset is deprecated; use its fields (train_images, "
+                      "train_labels, test_images, test_labels, classes)", DeprecationWarning,
+                      stacklevel=2)
         yield self.train_images, self.train_labels
         yield self.test_images, self.test_labels
         yield self.classes
@@ -82,11 +84,6 @@ def default_root() -> Path:
     env = os.environ.get("ADALOSS_DATA")
     if env:
         return Path(env)
-    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(cache) / "adaloss"
-
-
-def _cache_dir() -> Path:
     cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(cache) / "adaloss"
 
@@ -127,7 +124,7 @@ def download(url: str, dest: Path, md5: str | None = None, progress: bool = True
         total = int(total) + have if total else None
         bar = None
         if progress:
-            from tqdm.auto import tqdm
+            from tqdm.auto import tqdm  # deferred on purpose: only for a download's progress
 
             bar = tqdm(total=total, initial=have, unit="B", unit_scale=True, desc=dest.name)
         with open(part, "ab" if have else "wb") as fh:
@@ -293,36 +290,10 @@ def _extract(archive: Path, root: Path) -> None:
                 os.replace(sub, target)
 
 
-def _convert_shared_jpeg(root: Path) -> Path | None:
-    """A root laid out as the project's shared/data (CIFAR-10 as JPEG plus its
-    conversion script): convert once into the user cache, return that root."""
-    script, archive = root / "cifar10_jpeg_to_bin.py", root / "cifar10-jpeg.tar.gz"
-    if not (script.exists() and archive.exists()):
-        return None
-    out = _cache_dir() / "cifar10-from-jpeg"
-    if (out / "cifar-10-batches-bin" / "test_batch.bin").exists():
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".convert-"))
-    try:
-        subprocess.run([sys.executable, str(script), str(tmp)], check=True,
-                       stdout=subprocess.DEVNULL)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
-
-
 def load_cifar10(root=None, download: bool = True, verify: bool = True) -> Dataset:
     """CIFAR-10: 50,000 train and 10,000 test images (N, 3, 32, 32) uint8, from
     the binary or the python version of the official archive."""
     base = _resolve_root(root)
-    if not any((base / f).is_dir() for f in CIFAR_ARCHIVES):
-        converted = _convert_shared_jpeg(base)
-        if converted is not None:
-            base = converted
     parts = None
     if (base / "cifar-10-batches-bin").is_dir():
         parts = _cifar_bin(base / "cifar-10-batches-bin", verify)
@@ -357,7 +328,7 @@ def load_image_folder(path, size: tuple | None = None, grayscale: bool | None = 
     (N,) int64, class names sorted). Needs Pillow. All images must share a size
     unless `size=(H, W)` resizes them."""
     try:
-        from PIL import Image
+        from PIL import Image  # deferred on purpose: Pillow is optional (adaloss[images])
     except ImportError as exc:
         raise ImportError("load_image_folder needs Pillow: pip install 'adaloss[images]'") from exc
     folder = Path(path)

@@ -352,6 +352,8 @@ class _Head:
     a writable view of the C head's class weights."""
 
     _kind = "Softmax"
+    _has_quality = False        # AdaFace: a per-example quality q and running statistics
+    _has_target_angle = True    # the C head reports theta_y (not Softmax: no normalisation)
 
     def __init__(self, num_classes: int, embedding_dim: int, s: float = 1.0, m: float = 0.0,
                  h: float = 0.333, t_alpha: float = 0.01, variant: str = "paper",
@@ -374,6 +376,23 @@ class _Head:
         self.weight_grad = g.reshape(self.num_classes, self.embedding_dim)
         xavier_uniform_(self._weight, rng or _rng)
         self._param = Parameter("weight", self._weight, self.weight_grad)
+
+    @property
+    def kind(self) -> str:
+        """The head's name: "Softmax", "CosFace", "ArcFace" or "AdaFace"."""
+        return self._kind
+
+    @property
+    def has_quality(self) -> bool:
+        """True when ``last_batch()["quality"]`` is AdaFace's quality q and the
+        head keeps running statistics (``running_mean``, ``running_std``)."""
+        return self._has_quality
+
+    @property
+    def has_target_angle(self) -> bool:
+        """True when ``last_batch()["target_angle"]`` is the angle theta_y between
+        embedding and class weight (Softmax's logits hold no angle)."""
+        return self._has_target_angle
 
     @property
     def weight(self) -> np.ndarray:
@@ -437,6 +456,7 @@ class Softmax(_Head):
     """Plain linear classifier (no bias) with cross-entropy: the no-margin baseline."""
 
     _kind = "Softmax"
+    _has_target_angle = False
 
     def __init__(self, num_classes: int, embedding_dim: int,
                  rng: np.random.Generator | None = None):
@@ -472,6 +492,7 @@ class AdaFace(_Head):
     variant='report' is the report's head, whose quality q is rounding noise."""
 
     _kind = "AdaFace"
+    _has_quality = True
 
     def __init__(self, num_classes: int, embedding_dim: int, s: float = 64.0, m: float = 0.4,
                  h: float = 0.333, t_alpha: float = 0.01, variant: str = "paper",
@@ -581,8 +602,11 @@ class Trainer:
 
     def embed(self, x: np.ndarray, batch_size: int = 1024) -> np.ndarray:
         """Embeddings of any number of examples, in batches."""
-        n = len(x)
-        if n == 0:
-            return np.zeros((0, self.net.output_dim), np.float32)
-        return np.concatenate([self.net.forward(x[i:i + batch_size])
-                               for i in range(0, n, batch_size)])
+        return _embed(self.net, x, batch_size)
+
+
+def _embed(net: Sequential, x: np.ndarray, batch_size: int) -> np.ndarray:
+    """The network's embeddings of any number of examples, `batch_size` at a time."""
+    if len(x) == 0:
+        return np.zeros((0, net.output_dim), np.float32)
+    return np.concatenate([net.forward(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])

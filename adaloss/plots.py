@@ -13,7 +13,8 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
-from .study import ci_or_none
+from .fileio import atomic_write
+from .stats import ci_or_none
 
 __all__ = ["loss_curve", "comparison", "sample_grid", "margin_distributions",
            "figures_from_results", "study_accuracy", "study_pairs", "study_curves", "save",
@@ -299,8 +300,6 @@ def study_curves(records: list, title: str = "Per epoch, every run (test accurac
 
 def save(fig: Figure, path) -> Path:
     """Write a figure as PNG or SVG (by suffix) through a temporary file."""
-    from .checkpoint import atomic_write
-
     path = Path(path)
     fmt = path.suffix.lstrip(".").lower()
     if fmt not in ("png", "svg"):

@@ -11,48 +11,171 @@
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
 
 from . import nn
 
-__all__ = ["RunConfig", "runs", "build", "REPORT_ACCURACY", "PRESETS", "DATASETS", "HEADS"]
+__all__ = ["RunConfig", "HeadConfig", "LayerSpec", "runs", "build", "build_net", "build_head",
+           "REPORT_ACCURACY", "PRESETS", "DATASETS", "HEADS", "EPOCHS", "INPUT_SHAPES",
+           "DEFAULT_PRESET", "STUDY_SEEDS", "BATCH_SIZE"]
 
 PRESETS = ("report", "paper", "fair")
+DEFAULT_PRESET = "report"
 DATASETS = ("mnist", "cifar10")
 HEADS = ("softmax", "cosface", "arcface", "adaface")   # the heads the presets use
-EPOCHS = {"mnist": 10, "cifar10": 20}
+EPOCHS = {"mnist": 10, "cifar10": 20}                  # the report's
+BATCH_SIZE = 64                                        # the report's
+STUDY_SEEDS = {"mnist": 5, "cifar10": 3}               # seeds per data set of the study grid
 REPORT_ACCURACY = {("mnist", "arcface"): 97.86, ("mnist", "adaface"): 99.11,
                    ("cifar10", "arcface"): 62.35, ("cifar10", "adaface"): 68.13}
 
-# layer lists: ("conv", in, out) is 3x3 padding 1
+HEAD_CLASSES = {"softmax": nn.Softmax, "cosface": nn.CosFace, "arcface": nn.ArcFace,
+                "adaface": nn.AdaFace}
+# the settings each head takes (the others keep no meaning for it)
+_HEAD_SETTINGS = {"softmax": (), "cosface": ("s", "m"), "arcface": ("s", "m", "variant"),
+                  "adaface": ("s", "m", "h", "t_alpha", "variant")}
+_SIZED_LAYERS = ("conv", "linear")
+LAYER_KINDS = ("conv", "relu", "pool", "flatten", "linear", "l2norm")
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """One layer of a preset network.
+
+    ``conv``: 3x3 convolution, padding 1, from ``in_features`` to
+    ``out_features`` channels; ``linear``: ``in_features`` to ``out_features``;
+    ``relu``, ``pool`` (2x2 max), ``flatten`` and ``l2norm`` take no sizes.
+    In JSON (results.json, run records) a layer is the list
+    ``["conv", 1, 32]`` or ``["relu"]``, as it always was.
+    """
+
+    kind: str
+    in_features: int = 0
+    out_features: int = 0
+
+    def __post_init__(self) -> None:
+        if self.kind not in LAYER_KINDS:
+            raise ValueError(f"layers: unknown layer kind {self.kind!r}; expected one of "
+                             f"{LAYER_KINDS}")
+        sizes = (self.in_features, self.out_features)
+        if self.kind in _SIZED_LAYERS:
+            if any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in sizes):
+                raise ValueError(f"layers: a {self.kind} layer needs positive in_features and "
+                                 f"out_features, got {sizes}")
+        elif sizes != (0, 0):
+            raise ValueError(f"layers: a {self.kind} layer takes no sizes, got {sizes}")
+
+    @classmethod
+    def coerce(cls, value) -> "LayerSpec":
+        """A LayerSpec from itself, the JSON/tuple form ``("conv", 1, 32)`` or a
+        dict of its fields."""
+        if isinstance(value, LayerSpec):
+            return value
+        if isinstance(value, Mapping):
+            return cls(**value)
+        if isinstance(value, (list, tuple)) and value and isinstance(value[0], str):
+            return cls(*value)
+        raise TypeError(f"layers: expected a LayerSpec or a tuple like ('conv', 1, 32), got "
+                        f"{value!r}")
+
+    def to_json(self) -> list:
+        """``[kind, in_features, out_features]``, or ``[kind]`` for a layer without sizes."""
+        if self.kind in _SIZED_LAYERS:
+            return [self.kind, self.in_features, self.out_features]
+        return [self.kind]
+
+    def build(self, kaiming_linear: bool = False) -> nn.Layer:
+        """The adaloss layer (drawing its initial weights from adaloss's generator)."""
+        if self.kind == "conv":
+            return nn.Conv2d(self.in_features, self.out_features, 3, padding=1)
+        if self.kind == "linear":
+            layer = nn.Linear(self.in_features, self.out_features)
+            if kaiming_linear:
+                nn.kaiming_normal_(layer.params["weight"])
+            return layer
+        return {"relu": nn.ReLU, "pool": lambda: nn.MaxPool2d(2), "flatten": nn.Flatten,
+                "l2norm": nn.L2Normalize}[self.kind]()
+
+
+@dataclass(frozen=True)
+class HeadConfig:
+    """A loss head and its settings; a setting left None takes the head class's
+    default. ``kind`` is one of HEADS; softmax takes no setting, cosface s and
+    m, arcface s, m and variant, adaface all five."""
+
+    kind: str
+    s: float | None = None
+    m: float | None = None
+    h: float | None = None
+    t_alpha: float | None = None
+    variant: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in HEAD_CLASSES:
+            raise ValueError(f"head: expected one of {tuple(HEAD_CLASSES)}, got {self.kind!r}")
+        extra = [f.name for f in fields(self)[1:] if getattr(self, f.name) is not None
+                 and f.name not in _HEAD_SETTINGS[self.kind]]
+        if extra:
+            raise ValueError(f"head: {self.kind} takes {_HEAD_SETTINGS[self.kind] or 'no settings'}"
+                             f", got {extra}")
+
+    def kwargs(self) -> dict:
+        """The settings given, as the head class's keyword arguments."""
+        return {f.name: getattr(self, f.name) for f in fields(self)[1:]
+                if getattr(self, f.name) is not None}
+
+    def build(self, num_classes: int, embedding_dim: int) -> nn._Head:
+        """The adaloss head (drawing its initial class weights from adaloss's generator)."""
+        return HEAD_CLASSES[self.kind](num_classes, embedding_dim, **self.kwargs())
+
+
+# networks: conv is 3x3 padding 1
+def _net(*layers) -> list:
+    return [LayerSpec(*layer) for layer in layers]
+
+
 ARCFACE_NETS = {
-    "mnist": [("conv", 1, 32), ("relu",), ("pool",), ("conv", 32, 64), ("relu",), ("pool",),
-              ("flatten",), ("linear", 3136, 128), ("relu",)],
-    "cifar10": [("conv", 3, 64), ("relu",), ("pool",), ("conv", 64, 128), ("relu",), ("pool",),
-                ("conv", 128, 256), ("relu",), ("pool",), ("flatten",), ("linear", 4096, 128),
-                ("relu",)],
+    "mnist": _net(("conv", 1, 32), ("relu",), ("pool",), ("conv", 32, 64), ("relu",), ("pool",),
+                  ("flatten",), ("linear", 3136, 128), ("relu",)),
+    "cifar10": _net(("conv", 3, 64), ("relu",), ("pool",), ("conv", 64, 128), ("relu",),
+                    ("pool",), ("conv", 128, 256), ("relu",), ("pool",), ("flatten",),
+                    ("linear", 4096, 128), ("relu",)),
 }
 ADAFACE_NETS = {
-    "mnist": [("conv", 1, 32), ("relu",), ("conv", 32, 64), ("relu",), ("pool",), ("flatten",),
-              ("linear", 12544, 256), ("relu",), ("linear", 256, 128), ("l2norm",)],
-    "cifar10": [("conv", 3, 32), ("relu",), ("conv", 32, 64), ("relu",), ("pool",), ("flatten",),
-                ("linear", 16384, 256), ("relu",), ("linear", 256, 128), ("l2norm",)],
+    "mnist": _net(("conv", 1, 32), ("relu",), ("conv", 32, 64), ("relu",), ("pool",),
+                  ("flatten",), ("linear", 12544, 256), ("relu",), ("linear", 256, 128),
+                  ("l2norm",)),
+    "cifar10": _net(("conv", 3, 32), ("relu",), ("conv", 32, 64), ("relu",), ("pool",),
+                    ("flatten",), ("linear", 16384, 256), ("relu",), ("linear", 256, 128),
+                    ("l2norm",)),
 }
 INPUT_SHAPES = {"mnist": (1, 28, 28), "cifar10": (3, 32, 32)}
 
+_RUN_FIELDS = ("dataset", "preset", "head", "layers", "head_config", "lr", "epochs",
+               "batch_size", "train_head", "eval_rule", "kaiming_linear", "report_accuracy",
+               "num_classes", "embedding_dim", "notes")
 
-@dataclass
+
+@dataclass(init=False)
 class RunConfig:
-    """Everything one training run needs; JSON-serialisable."""
+    """Everything one training run needs; JSON-serialisable through to_dict().
+
+    ``head`` is the head's name, ``head_config`` its typed settings and
+    ``layers`` a list of LayerSpec. For the records written so far, the
+    constructor also takes the head's settings as a dict (positionally where
+    head_config goes, or as ``head_kwargs=``) and layers as tuples or lists.
+    """
 
     dataset: str
     preset: str
     head: str                      # softmax | cosface | arcface | adaface
     layers: list
-    head_kwargs: dict
+    head_config: HeadConfig
     lr: float
     epochs: int
-    batch_size: int = 64
+    batch_size: int = BATCH_SIZE
     train_head: bool = True
     eval_rule: str = "plain"
     kaiming_linear: bool = False   # Kaiming-normal for the AdaFace nets' two linear weights
@@ -61,12 +184,76 @@ class RunConfig:
     embedding_dim: int = 128
     notes: list = field(default_factory=list)
 
+    def __init__(self, dataset: str, preset: str, head, layers, head_config=None,
+                 lr: float | None = None, epochs: int | None = None,
+                 batch_size: int = BATCH_SIZE, train_head: bool = True,
+                 eval_rule: str = "plain", kaiming_linear: bool = False,
+                 report_accuracy: float | None = None, num_classes: int = 10,
+                 embedding_dim: int = 128, notes: list | None = None, *,
+                 head_kwargs: Mapping | None = None):
+        if isinstance(head, HeadConfig):
+            head_config, head = (head if head_config is None else head_config), head.kind
+        if head_kwargs is not None:
+            if head_config is not None:
+                raise TypeError("RunConfig: give head_config or head_kwargs, not both")
+            head_config = head_kwargs
+        if head_config is None:
+            head_config = HeadConfig(head)
+        elif isinstance(head_config, Mapping):       # the head_kwargs dict of old records
+            head_config = HeadConfig(head, **head_config)
+        elif not isinstance(head_config, HeadConfig):
+            raise TypeError(f"head_config: expected a HeadConfig or a dict of settings, got "
+                            f"{type(head_config).__name__}")
+        if head_config.kind != head:
+            raise ValueError(f"head_config: a {head_config.kind} head for a run of head {head!r}")
+        if lr is None or epochs is None:
+            raise TypeError("RunConfig: lr and epochs are required")
+        self.dataset, self.preset, self.head = dataset, preset, head
+        self.layers = [LayerSpec.coerce(layer) for layer in layers]
+        self.head_config = head_config
+        self.lr, self.epochs, self.batch_size = lr, epochs, batch_size
+        self.train_head, self.eval_rule, self.kaiming_linear = train_head, eval_rule, kaiming_linear
+        self.report_accuracy = report_accuracy
+        self.num_classes, self.embedding_dim = num_classes, embedding_dim
+        self.notes = list(notes) if notes is not None else []
+
     @property
     def name(self) -> str:
         return f"{self.dataset}-{self.preset}-{self.head}"
 
+    @property
+    def head_kwargs(self) -> dict:
+        """Deprecated: ``head_config.kwargs()``."""
+        warnings.warn("RunConfig.head_kwargs is deprecated; use RunConfig.head_config "
+                      "(a HeadConfig; .kwargs() gives the dict)", DeprecationWarning, stacklevel=2)
+        return self.head_config.kwargs()
+
+    @head_kwargs.setter
+    def head_kwargs(self, value: Mapping) -> None:
+        warnings.warn("RunConfig.head_kwargs is deprecated; set RunConfig.head_config "
+                      "(e.g. dataclasses.replace(config.head_config, s=16.0))",
+                      DeprecationWarning, stacklevel=2)
+        self.head_config = HeadConfig(self.head, **value)
+
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The JSON form, the same as records have always held: layers as lists,
+        the head's settings as the dict ``head_kwargs``."""
+        out = {}
+        for name in _RUN_FIELDS:
+            if name == "layers":
+                out["layers"] = [LayerSpec.coerce(layer).to_json() for layer in self.layers]
+            elif name == "head_config":
+                out["head_kwargs"] = self.head_config.kwargs()
+            elif name == "notes":
+                out["notes"] = list(self.notes)
+            else:
+                out[name] = getattr(self, name)
+        return out
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "RunConfig":
+        """The inverse of to_dict (reads every record written so far)."""
+        return cls(**d)
 
 
 def runs(dataset: str, preset: str, epochs: int | None = None) -> list[RunConfig]:
@@ -81,57 +268,39 @@ def runs(dataset: str, preset: str, epochs: int | None = None) -> list[RunConfig
         report = preset == "report"
         arc_net = ARCFACE_NETS[dataset]
         ada_net = ADAFACE_NETS[dataset] if report else ADAFACE_NETS[dataset][:-1]
-        arc_kwargs = ({"s": 10.0 if cifar else 30.0, "m": 0.5, "variant": "report"} if report
-                      else {"s": 64.0, "m": 0.5, "variant": "paper"})
-        ada_kwargs = ({"s": 64.0, "m": 0.4, "h": 0.33, "variant": "report"} if report
-                      else {"s": 64.0, "m": 0.4, "h": 0.333, "t_alpha": 0.01, "variant": "paper"})
+        arc_head = (HeadConfig("arcface", s=10.0 if cifar else 30.0, m=0.5, variant="report")
+                    if report else HeadConfig("arcface", s=64.0, m=0.5, variant="paper"))
+        ada_head = (HeadConfig("adaface", s=64.0, m=0.4, h=0.33, variant="report") if report
+                    else HeadConfig("adaface", s=64.0, m=0.4, h=0.333, t_alpha=0.01,
+                                    variant="paper"))
         return [
-            RunConfig(dataset, preset, "arcface", arc_net, arc_kwargs,
+            RunConfig(dataset, preset, "arcface", arc_net, arc_head,
                       lr=1e-4 if cifar else 1e-3, epochs=n_epochs, train_head=not report,
                       eval_rule="report" if report else "plain",
                       report_accuracy=REPORT_ACCURACY[(dataset, "arcface")] if report else None),
-            RunConfig(dataset, preset, "adaface", ada_net, ada_kwargs, lr=1e-3, epochs=n_epochs,
+            RunConfig(dataset, preset, "adaface", ada_net, ada_head, lr=1e-3, epochs=n_epochs,
                       train_head=not report, eval_rule="report" if report else "plain",
                       kaiming_linear=True,
                       report_accuracy=REPORT_ACCURACY[(dataset, "adaface")] if report else None),
         ]
     backbone = ADAFACE_NETS[dataset][:-1]
-    heads = {"softmax": {}, "cosface": {"s": 64.0, "m": 0.4},
-             "arcface": {"s": 64.0, "m": 0.5, "variant": "paper"},
-             "adaface": {"s": 64.0, "m": 0.4, "h": 0.333, "t_alpha": 0.01, "variant": "paper"}}
-    return [RunConfig(dataset, preset, head, backbone, kwargs, lr=1e-3, epochs=n_epochs,
-                      kaiming_linear=True) for head, kwargs in heads.items()]
+    heads = [HeadConfig("softmax"), HeadConfig("cosface", s=64.0, m=0.4),
+             HeadConfig("arcface", s=64.0, m=0.5, variant="paper"),
+             HeadConfig("adaface", s=64.0, m=0.4, h=0.333, t_alpha=0.01, variant="paper")]
+    return [RunConfig(dataset, preset, head.kind, backbone, head, lr=1e-3, epochs=n_epochs,
+                      kaiming_linear=True) for head in heads]
 
 
 def build_net(layers: list, input_shape: tuple | None = None,
               kaiming_linear: bool = False) -> nn.Sequential:
-    """A Sequential from a layer list ("conv", in, out) ... (3x3 convolutions, padding 1)."""
-    made = []
-    for spec in layers:
-        kind = spec[0]
-        if kind == "conv":
-            made.append(nn.Conv2d(spec[1], spec[2], 3, padding=1))
-        elif kind == "linear":
-            made.append(nn.Linear(spec[1], spec[2]))
-            if kaiming_linear:
-                nn.kaiming_normal_(made[-1].params["weight"])
-        elif kind == "relu":
-            made.append(nn.ReLU())
-        elif kind == "pool":
-            made.append(nn.MaxPool2d(2))
-        elif kind == "flatten":
-            made.append(nn.Flatten())
-        elif kind == "l2norm":
-            made.append(nn.L2Normalize())
-        else:
-            raise ValueError(f"layers: unknown layer kind {kind!r}")
-    return nn.Sequential(made, input_shape=input_shape)
+    """A Sequential from a list of LayerSpec (or tuples ("conv", in, out) ...)."""
+    return nn.Sequential([LayerSpec.coerce(spec).build(kaiming_linear) for spec in layers],
+                         input_shape=input_shape)
 
 
 def build_head(config: RunConfig) -> nn._Head:
-    cls = {"softmax": nn.Softmax, "cosface": nn.CosFace, "arcface": nn.ArcFace,
-           "adaface": nn.AdaFace}[config.head]
-    return cls(config.num_classes, config.embedding_dim, **config.head_kwargs)
+    """The head of a run, initialised from adaloss's generator."""
+    return config.head_config.build(config.num_classes, config.embedding_dim)
 
 
 def build(config: RunConfig, seed: int = 0) -> nn.Trainer:

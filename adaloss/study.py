@@ -2,7 +2,7 @@
 or on a Dask cluster, resumable, with a statistical summary.
 
     adaloss study --datasets mnist,cifar10 --presets report,paper,fair \\
-                  --seeds mnist=5,cifar10=3 --out benchmarks/study
+                  --seeds mnist=5,cifar10=3 --out results/study
 
 Each finished run is one small JSON file in ``<out>/runs/`` (never weights);
 runs already there are skipped, so an interrupted study resumes where it
@@ -28,15 +28,16 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__
+from . import datasets as _datasets
+from . import presets, runs, set_num_threads
+from ._version import __version__
+from .fileio import atomic_write
+from .presets import PRESETS, REPORT_ACCURACY, STUDY_SEEDS, RunConfig
+# the statistics live in adaloss.stats; their names stay importable from here
+from .stats import ci_or_none, mean_ci, paired_differences, t_quantile_975, wilcoxon_signed_rank
 
 __all__ = ["study", "plan", "summarize", "write_summary", "wilcoxon_signed_rank",
-           "t_quantile_975", "ci_or_none"]
-
-# two-sided 95 % quantiles of Student's t, df 1..30 (then the normal's 1.96)
-_T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
-         2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064,
-         2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
+           "t_quantile_975", "ci_or_none", "RunsFailed", "run_task"]
 
 
 class RunsFailed(RuntimeError):
@@ -57,58 +58,11 @@ class RunsFailed(RuntimeError):
         super().__init__("\n".join(lines))
 
 
-def t_quantile_975(df: int) -> float:
-    return _T975[df - 1] if 1 <= df <= 30 else 1.96
-
-
-def wilcoxon_signed_rank(diffs) -> float:
-    """Exact two-sided p-value of the Wilcoxon signed-rank test (zeros dropped,
-    ties given average ranks; exact enumeration, fine up to ~20 pairs)."""
-    d = np.asarray([x for x in diffs if x != 0], float)
-    n = len(d)
-    if n == 0:
-        return 1.0
-    order = np.argsort(np.abs(d))
-    ranks = np.empty(n)
-    absd = np.abs(d)[order]
-    i = 0
-    while i < n:  # average ranks over ties
-        j = i
-        while j + 1 < n and absd[j + 1] == absd[i]:
-            j += 1
-        ranks[order[i:j + 1]] = (i + j) / 2 + 1
-        i = j + 1
-    w_plus = ranks[d > 0].sum()
-    total = ranks.sum()
-    observed = min(w_plus, total - w_plus)
-    if n > 20:  # normal approximation
-        mu, sigma = total / 2, math.sqrt(n * (n + 1) * (2 * n + 1) / 24)
-        z = (observed - mu) / sigma
-        return min(1.0, 2 * 0.5 * math.erfc(-z / math.sqrt(2)))
-    count = 0
-    for signs in itertools.product((0, 1), repeat=n):
-        w = sum(r for r, s in zip(ranks, signs) if s)
-        if min(w, total - w) <= observed + 1e-9:
-            count += 1
-    return count / 2 ** n
-
-
-def _mean_ci(values) -> dict:
-    v = np.asarray(values, float)
-    n = len(v)
-    std = float(v.std(ddof=1)) if n > 1 else 0.0
-    half = t_quantile_975(n - 1) * std / math.sqrt(n) if n > 1 else float("nan")
-    return {"n": n, "mean": float(v.mean()), "std": std,
-            "ci95": [float(v.mean() - half), float(v.mean() + half)]}
-
-
 def plan(datasets, presets_, seeds: dict, epochs=None, heads=None) -> list:
     """(run id, config, seed) of every run in the grid, seed by seed within a
     data set, so that an unfinished grid holds whole seeds of every cell (and
     paired comparisons) rather than all seeds of the first cells. `heads`
     keeps only the runs of those heads (None: every head of each preset)."""
-    from . import presets
-
     datasets, presets_ = list(datasets), list(presets_)
     if not datasets or set(datasets) - set(presets.DATASETS):
         raise ValueError(f"datasets: expected some of {presets.DATASETS}, got {datasets!r}")
@@ -140,14 +94,11 @@ _DATA_CACHE: dict = {}
 
 
 def _load(dataset: str, data_root, subset):
-    from . import datasets
-
     key = (dataset, str(data_root), subset)
     if key not in _DATA_CACHE:
-        data = (datasets.load_mnist(data_root) if dataset == "mnist"
-                else datasets.load_cifar10(data_root))
+        data = runs.load_data(dataset, data_root)
         if subset:
-            data = datasets.subset(data, subset, max(10, subset // 5))
+            data = _datasets.subset(data, subset, max(10, subset // 5))
         _DATA_CACHE.clear()
         _DATA_CACHE[key] = data
     return _DATA_CACHE[key]
@@ -155,13 +106,10 @@ def _load(dataset: str, data_root, subset):
 
 def run_task(config_dict: dict, seed: int, data_root, subset, threads: int) -> dict:
     """One run, in a worker process (or a Dask worker): returns its record."""
-    from . import cli, presets, set_num_threads
-
     set_num_threads(threads)
-    config = presets.RunConfig(**config_dict)
-    config.layers = [tuple(layer) for layer in config.layers]
+    config = RunConfig.from_dict(config_dict)
     data = _load(config.dataset, data_root, subset)
-    record = cli.run_one(config, seed, data, progress=False)
+    record = runs.run_one(config, seed, data, progress=False)
     record.update(dataset=config.dataset, preset=config.preset, threads=threads,
                   subset=subset, adaloss_version=__version__)
     return record
@@ -196,8 +144,6 @@ def _json_safe(value):
 
 
 def _write(path: Path, record: dict) -> None:
-    from .checkpoint import atomic_write
-
     atomic_write(path, json.dumps(_json_safe(record), indent=1, allow_nan=False).encode())
 
 
@@ -205,8 +151,7 @@ def write_summary(out, summary: dict, records: list | None = None) -> None:
     """summary.json, summary.md and the figures (accuracy.png, pairs.png and
     curves.png, the per-epoch curves of every run in out/runs; `records`, those
     runs if the caller has read them already)."""
-    from . import plots
-    from .checkpoint import atomic_write
+    from . import plots  # deferred on purpose: loads matplotlib, only needed here
 
     out = Path(out)
     _write(out / "summary.json", summary)
@@ -224,7 +169,7 @@ def write_summary(out, summary: dict, records: list | None = None) -> None:
         plots.save(plots.study_curves(records), out / "curves.png")
 
 
-def study(datasets=("mnist",), presets=("report", "paper", "fair"), seeds=None, out="study",
+def study(datasets=("mnist",), presets=PRESETS, seeds=None, out="study",
           epochs=None, subset=None, data_root=None, workers=None, threads_per_worker=1,
           scheduler=None, max_runs=None, progress=True, heads=None) -> dict:
     """Run the grid (skipping finished runs) and write the summary; returns it.
@@ -239,7 +184,7 @@ def study(datasets=("mnist",), presets=("report", "paper", "fair"), seeds=None, 
     summarised, then RunsFailed names the failed ones (a restart retries them)."""
     datasets, presets = list(datasets), list(presets)
     if seeds is None:
-        seeds = {"mnist": 5, "cifar10": 3}
+        seeds = dict(STUDY_SEEDS)
     if isinstance(seeds, int):
         seeds = {d: seeds for d in datasets}
     if not isinstance(threads_per_worker, int) or threads_per_worker < 1:
@@ -358,6 +303,7 @@ def _stop(pool: ProcessPoolExecutor) -> None:
 
 def _run_dask(scheduler, args, finish) -> None:
     try:
+        # deferred on purpose: Dask is optional (adaloss[dask]) and heavy
         from dask.distributed import Client, as_completed as dask_completed
     except ImportError as exc:
         raise ImportError("--scheduler needs Dask: pip install 'dask[distributed]'") from exc
@@ -391,16 +337,15 @@ def summarize(out, planned: int | None = None, records: list | None = None) -> d
     """Cells (mean, std, CI), paired comparisons and CPU time of a study folder;
     `planned`, the grid's number of runs, marks a summary of an unfinished grid;
     `records`, the folder's runs if the caller has read them already."""
-    from .presets import REPORT_ACCURACY
-
-    runs = _read_runs(out) if records is None else records
+    if records is None:
+        records = _read_runs(out)
     cells: dict = {}
-    for r in runs:
+    for r in records:
         cells.setdefault((r["dataset"], r["preset"], r["head"]), []).append(r)
     cell_rows, pairs = [], []
     for (dataset, preset, head), rs in sorted(cells.items()):
         rs = sorted(rs, key=lambda r: r["seed"])
-        stats = _mean_ci([100 * r["test_accuracy"] for r in rs])
+        stats = mean_ci([100 * r["test_accuracy"] for r in rs])
         stats.update(dataset=dataset, preset=preset, head=head, seeds=[r["seed"] for r in rs],
                      accuracies=[100 * r["test_accuracy"] for r in rs],
                      margin_free_mean=float(np.mean([100 * r["test_accuracy_plain"] for r in rs])),
@@ -411,31 +356,21 @@ def summarize(out, planned: int | None = None, records: list | None = None) -> d
         groups.setdefault((c["dataset"], c["preset"]), []).append(c)
     for (dataset, preset), cs in groups.items():
         for a, b in itertools.combinations(cs, 2):
-            common = sorted(set(a["seeds"]) & set(b["seeds"]))
+            common, diffs = paired_differences(dict(zip(a["seeds"], a["accuracies"])),
+                                               dict(zip(b["seeds"], b["accuracies"])))
             if not common:
                 continue
-            acc_a = dict(zip(a["seeds"], a["accuracies"]))
-            acc_b = dict(zip(b["seeds"], b["accuracies"]))
-            diffs = [acc_a[s] - acc_b[s] for s in common]
-            stats = _mean_ci(diffs)
+            stats = mean_ci(diffs)
             pairs.append({"dataset": dataset, "preset": preset, "a": a["head"], "b": b["head"],
                           "n": len(common), "mean_diff": stats["mean"], "ci95": stats["ci95"],
                           "wilcoxon_p": wilcoxon_signed_rank(diffs), "seeds": common,
                           "diffs": diffs})
-    cpu_seconds = sum(r["wall_seconds"] * r.get("threads", 1) for r in runs
+    cpu_seconds = sum(r["wall_seconds"] * r.get("threads", 1) for r in records
                       if "same_run_as" not in r)   # a copied run took no time
     return {"adaloss_version": __version__, "created": time.strftime("%Y-%m-%d %H:%M"),
-            "cells": cell_rows, "pairs": pairs, "runs": len(runs), "runs_planned": planned,
+            "cells": cell_rows, "pairs": pairs, "runs": len(records), "runs_planned": planned,
             "cpu_hours": cpu_seconds / 3600,
-            "table": _table(cell_rows, pairs, cpu_seconds, len(runs), planned)}
-
-
-def ci_or_none(ci):
-    """A 95 % CI of a summary row as a (low, high) tuple, or None where there is
-    none: one seed gives NaN in memory and null in summary.json."""
-    if ci is None or any(v is None or not math.isfinite(v) for v in ci):
-        return None
-    return tuple(ci)
+            "table": _table(cell_rows, pairs, cpu_seconds, len(records), planned)}
 
 
 def _fmt_ci(ci) -> str:

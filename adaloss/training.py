@@ -3,14 +3,17 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 
-from . import _core
-from .nn import Sequential, Trainer, _Head
+from . import _core, checkpoint
+from .nn import Sequential, Trainer, _embed, _Head
 
-__all__ = ["History", "fit", "evaluate", "predict", "embed", "margin_stats"]
+__all__ = ["History", "fit", "evaluate", "predict", "embed", "margin_stats", "save_training",
+           "load_latest"]
 
 
 @dataclass
@@ -27,6 +30,10 @@ class History:
     skipped_steps: int = 0
 
     def rows(self) -> list:
+        """Deprecated: zip the fields yourself."""
+        warnings.warn("History.rows() is deprecated and will be removed; use "
+                      "zip(h.epochs, h.train_loss, h.test_accuracy, h.seconds)",
+                      DeprecationWarning, stacklevel=2)
         return list(zip(self.epochs, self.train_loss, self.test_accuracy, self.seconds))
 
     def to_dict(self) -> dict:
@@ -46,10 +53,11 @@ def _check_xy(x, y, name: str) -> tuple:
 
 
 def embed(net: Sequential, x: np.ndarray, batch_size: int = 1000) -> np.ndarray:
-    """Embeddings of any number of examples, in batches."""
-    if len(x) == 0:
-        return np.zeros((0, net.output_dim), np.float32)
-    return np.concatenate([net.forward(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
+    """Deprecated: use ``Trainer.embed(x)``. Embeddings of any number of
+    examples, in batches."""
+    warnings.warn("adaloss.training.embed(net, x) is deprecated; use trainer.embed(x)",
+                  DeprecationWarning, stacklevel=2)
+    return _embed(net, x, batch_size)
 
 
 def predict(net: Sequential, head: _Head, x: np.ndarray, labels: np.ndarray | None = None,
@@ -91,7 +99,7 @@ def margin_stats(net: Sequential, head: _Head, x: np.ndarray, y: np.ndarray,
     training = head.training
     head.eval()
     angles, quality = [], []
-    softmax = head._kind == "Softmax"       # no angle in its logits: from the vectors
+    softmax = not head.has_target_angle     # no angle in its logits: from the vectors
     if softmax:
         w = head.weight.astype(np.float64)
         w /= np.maximum(np.linalg.norm(w, axis=1, keepdims=True), 1e-12)
@@ -111,7 +119,27 @@ def margin_stats(net: Sequential, head: _Head, x: np.ndarray, y: np.ndarray,
     finally:
         head.train(training)
     return {"theta_deg": np.degrees(np.concatenate(angles)),
-            "quality": np.concatenate(quality) if head._kind == "AdaFace" else None}
+            "quality": np.concatenate(quality) if head.has_quality else None}
+
+
+def save_training(folder, trainer: Trainer, epoch: int, rng: np.random.Generator,
+                  history: History) -> None:
+    """Save what fit needs to resume: the trainer's state, the epoch, the
+    shuffling generator's state and the history, to ``folder/latest.ckpt``."""
+    checkpoint.save(Path(folder) / checkpoint.LATEST, trainer.net, trainer.head, trainer.optimizer,
+                    epoch=epoch, rng=rng.bit_generator.state, history=history.to_dict())
+
+
+def load_latest(folder, trainer: Trainer) -> dict | None:
+    """Restore ``folder/latest.ckpt`` into the trainer; {"epoch", "rng",
+    "history"} to resume from, or None when there is no checkpoint."""
+    path = Path(folder) / checkpoint.LATEST
+    if not path.exists():
+        return None
+    extra = checkpoint.load(path, trainer.net, trainer.head, trainer.optimizer)
+    rng = np.random.default_rng()
+    rng.bit_generator.state = extra["rng"]
+    return {"epoch": extra["epoch"], "rng": rng, "history": History.from_dict(extra["history"])}
 
 
 def fit(trainer: Trainer, x_train: np.ndarray, y_train: np.ndarray, epochs: int = 1,
@@ -144,18 +172,15 @@ def fit(trainer: Trainer, x_train: np.ndarray, y_train: np.ndarray, epochs: int 
     history = history or History()
     rng = np.random.default_rng(seed)
     start_epoch = 0
-    if checkpoint_dir is not None:
-        from . import checkpoint
-
-        if resume:
-            state = checkpoint.load_latest(checkpoint_dir, trainer)
-            if state is not None:
-                start_epoch, rng, history = state["epoch"], state["rng"], state["history"]
+    if checkpoint_dir is not None and resume:
+        state = load_latest(checkpoint_dir, trainer)
+        if state is not None:
+            start_epoch, rng, history = state["epoch"], state["rng"], state["history"]
     n = len(y_train)
     steps = math.ceil(n / batch_size)
     bar_cls = None
     if progress:
-        from tqdm.auto import tqdm as bar_cls
+        from tqdm.auto import tqdm as bar_cls  # deferred on purpose: only for progress bars
     for epoch in range(start_epoch, epochs):
         order = rng.permutation(n)
         t0 = time.perf_counter()
@@ -201,7 +226,7 @@ def fit(trainer: Trainer, x_train: np.ndarray, y_train: np.ndarray, epochs: int 
             print(f"epoch {epoch + 1}/{epochs}: loss {history.train_loss[-1]:.4f}{acc}, "
                   f"{seconds:.1f} s ({n / seconds:.0f} images/s)", flush=True)
         if checkpoint_dir is not None:
-            checkpoint.save_training(checkpoint_dir, trainer, epoch + 1, rng, history)
+            save_training(checkpoint_dir, trainer, epoch + 1, rng, history)
         if callback is not None:
             callback(epoch + 1, history)
     return history

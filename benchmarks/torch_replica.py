@@ -10,14 +10,17 @@ order; float rounding makes the two trajectories drift apart slowly, so expect
 close, not identical, curves.
 
     python benchmarks/torch_replica.py --dataset cifar10 --preset fair --head arcface \\
-        --epochs 5 --subset 10000 --data-root ../shared/data
+        --epochs 5 --subset 10000 --data-root "$ADALOSS_DATA"
 
 With ``--record`` a finished study run stands in for the adaloss side (its
 cell, seed, subset and epochs are taken from the record, which must have been
 made with the same run configuration), so only PyTorch trains:
 
     python benchmarks/torch_replica.py \\
-        --record benchmarks/study/runs/cifar10-fair-arcface-seed0.json --data-root ../shared/data
+        --record benchmarks/study/runs/cifar10-fair-arcface-seed0.json --data-root "$ADALOSS_DATA"
+
+(``ADALOSS_DATA="$(python tests/prepare_data.py)"`` makes a data root from the
+project's shared data folder.)
 
 Writes nothing; prints a Markdown table.
 """
@@ -49,13 +52,13 @@ def mean_target_angle(cosine: np.ndarray, labels: np.ndarray) -> float:
 def torch_curve(torch, config, seed: int, data, epochs: int) -> dict:
     """The adaloss run's twin in PyTorch: same initial weights, same batches."""
     start = presets.build(config, seed)                  # adaloss's initial weights
-    net = torch_net(torch, config.layers)
+    net = torch_net(torch, [layer.to_json() for layer in config.layers])
     net.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in start.net.state_dict().items()})
     weight = torch.nn.Parameter(torch.from_numpy(start.head.weight.copy()),
                                 requires_grad=config.train_head)
     params = list(net.parameters()) + ([weight] if config.train_head else [])
     opt = torch.optim.Adam(params, lr=config.lr)
-    kwargs = dict(config.head_kwargs)
+    kwargs = config.head_config.kwargs()
     variant = kwargs.pop("variant", "paper")
     kwargs.setdefault("s", 1.0)                          # softmax: plain logits
     kwargs.setdefault("m", 0.0)
@@ -197,7 +200,7 @@ def adaloss_curve(config, seed: int, data, epochs: int) -> dict:
     trainer, angles = presets.build(config, seed), []
 
     def angle(epoch, history):
-        emb = training.embed(trainer.net, data.test_images)
+        emb = trainer.embed(data.test_images, batch_size=1000)
         w = trainer.head.weight
         cosine = ((emb / np.linalg.norm(emb, axis=1, keepdims=True))
                   @ (w / np.linalg.norm(w, axis=1, keepdims=True)).T)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import adaloss
+import prepare_data
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,15 +41,16 @@ def threads():
 
 
 def data_root() -> Path | None:
-    """Real data sets: $ADALOSS_DATA, else ../shared/data from the project root."""
-    env = os.environ.get("ADALOSS_DATA")
-    if env:
-        return Path(env)
-    for base in (ROOT, *ROOT.parents):
-        cand = base / "shared" / "data"
-        if cand.is_dir():
-            return cand
-    return None
+    """The real data sets as a root load_mnist and load_cifar10 read directly:
+    $ADALOSS_DATA or shared/data beside the project, prepared once by
+    tests/prepare_data.py (CIFAR-10 converted from JPEG into a cache folder)."""
+    source = prepare_data.find_source()
+    if source is None or not (source / "mnist").is_dir():
+        return None
+    try:
+        return prepare_data.prepare(source)
+    except FileNotFoundError:   # MNIST only: the CIFAR-10 tests say what is missing
+        return source
 
 
 def pytest_configure(config):

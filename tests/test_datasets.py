@@ -210,3 +210,35 @@ def test_real_cifar10(shared_data):
     data = datasets.load_cifar10(shared_data, download=False)
     assert data.train_images.shape == (50000, 3, 32, 32)
     assert np.bincount(data.test_labels).tolist() == [1000] * 10
+
+
+def test_prepare_data_makes_a_root_from_a_read_only_shared_folder(tmp_path):
+    import prepare_data
+
+    shared, out = tmp_path / "shared", tmp_path / "cache" / "root"
+    (shared / "mnist").mkdir(parents=True)
+    (shared / prepare_data.ARCHIVE).write_bytes(b"")
+    calls = tmp_path / "calls"
+    # a stand-in for the folder's conversion script: writes the official layout
+    (shared / prepare_data.SCRIPT).write_text(
+        "import pathlib, sys\n"
+        f"open({str(calls)!r}, 'a').write('x')\n"
+        "out = pathlib.Path(sys.argv[1]) / 'cifar-10-batches-bin'\n"
+        "out.mkdir(parents=True)\n"
+        "for n in ['data_batch_%d' % i for i in range(1, 6)] + ['test_batch']:\n"
+        "    (out / (n + '.bin')).write_bytes(b'')\n")
+    before = sorted(p.name for p in shared.rglob("*"))
+    shared.chmod(0o555)                      # as the CI copy: never written to
+    try:
+        root = prepare_data.prepare(shared, out)
+        again = prepare_data.prepare(shared, out)
+    finally:
+        shared.chmod(0o755)
+    assert sorted(p.name for p in shared.rglob("*")) == before   # (root may write anyway)
+    assert root == again == out and calls.read_text() == "x"     # converted once
+    assert (root / "mnist").resolve() == (shared / "mnist").resolve()
+    assert (root / "cifar-10-batches-bin" / "test_batch.bin").exists()
+    assert [p.name for p in root.iterdir() if p.name.startswith(".")] == []  # no temporaries
+    assert prepare_data.prepare(root) == root                   # a ready root is used as is
+    with pytest.raises(FileNotFoundError, match="mnist"):
+        prepare_data.prepare(tmp_path / "cache")

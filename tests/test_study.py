@@ -22,6 +22,22 @@ def test_wilcoxon_and_t():
     assert study.wilcoxon_signed_rank([1, -2, 3, -4, 5]) == pytest.approx(0.8125)
     assert study.wilcoxon_signed_rank([0, 0]) == 1.0
     assert study.t_quantile_975(4) == 2.776 and study.t_quantile_975(100) == 1.96
+    # ties get average ranks and the exact distribution over all 32 sign patterns
+    # (|d| ranks 2, 2, 2, 4, 5; W- = 2: 8 of 32 patterns are as extreme)
+    assert study.wilcoxon_signed_rank([1, 1, -1, 2, 3]) == pytest.approx(8 / 32)
+    assert study.wilcoxon_signed_rank([0, 1, 1, -1, 2, 3]) == pytest.approx(8 / 32)  # zero dropped
+    with pytest.raises(ValueError, match="df"):
+        study.t_quantile_975(0)
+
+
+def test_statistics_without_scipy_say_how_to_install_it(monkeypatch):
+    from adaloss import stats
+
+    monkeypatch.setitem(sys.modules, "scipy.stats", None)    # import scipy.stats fails
+    monkeypatch.setitem(sys.modules, "scipy", None)
+    with pytest.raises(ImportError, match=re.escape('pip install "adaloss[study]"')):
+        stats.wilcoxon_signed_rank([1, 2, 3])
+    assert stats.ci_or_none([1.0, 2.0]) == (1.0, 2.0)         # needs no SciPy
 
 
 def test_ci_or_none_reads_memory_and_json_alike(tmp_path):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import adaloss
-from adaloss import checkpoint, datasets, presets, training
+from adaloss import checkpoint, datasets, fileio, presets, training
 
 
 @pytest.fixture(scope="module")
@@ -35,15 +35,17 @@ def test_fit_learns_on_512_images(mnist_small):
 
 def test_report_presets_match_design():
     arc, ada = presets.runs("cifar10", "report")
-    assert arc.head_kwargs == {"s": 10.0, "m": 0.5, "variant": "report"} and arc.lr == 1e-4
-    assert ada.head_kwargs["variant"] == "report" and ada.lr == 1e-3 and ada.epochs == 20
+    assert arc.head_config == presets.HeadConfig("arcface", s=10.0, m=0.5, variant="report")
+    assert arc.lr == 1e-4
+    assert ada.head_config.variant == "report" and ada.lr == 1e-3 and ada.epochs == 20
     assert not arc.train_head and not ada.train_head and arc.eval_rule == "report"
-    assert ada.layers[-1] == ("l2norm",)
+    assert ada.layers[-1] == presets.LayerSpec("l2norm")
     paper_ada = presets.runs("mnist", "paper")[1]
-    assert paper_ada.train_head and paper_ada.layers[-1] != ("l2norm",)
+    assert paper_ada.train_head and paper_ada.layers[-1] != presets.LayerSpec("l2norm")
     fair = presets.runs("mnist", "fair")
     assert [c.head for c in fair] == ["softmax", "cosface", "arcface", "adaface"]
-    assert len({json.dumps(c.layers) for c in fair}) == 1 and {c.lr for c in fair} == {1e-3}
+    assert len({json.dumps(c.to_dict()["layers"]) for c in fair}) == 1
+    assert {c.lr for c in fair} == {1e-3}
     # the same seed gives every fair head the same initial network
     nets = [presets.build(c, seed=4).net.state_dict() for c in fair]
     for k in nets[0]:
@@ -133,7 +135,7 @@ def test_checkpoint_save_never_destroys_the_previous_one(mnist_small, tmp_path, 
     def crash(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(checkpoint.os, "fsync", crash)
+    monkeypatch.setattr(fileio.os, "fsync", crash)
     with pytest.raises(OSError):
         checkpoint.save(path, trainer.net, trainer.head, trainer.optimizer, epoch=2)
     assert path.read_bytes() == good
@@ -202,7 +204,7 @@ def test_margin_stats_gives_every_head_its_target_angle(mnist_small):
     for config in presets.runs("mnist", "fair"):
         trainer = presets.build(config, seed=0)
         stats = training.margin_stats(trainer.net, trainer.head, x, y, batch_size=128)
-        emb = training.embed(trainer.net, x).astype(np.float64)
+        emb = trainer.embed(x).astype(np.float64)
         w = trainer.head.weight.astype(np.float64)
         cos = np.sum(emb * w[y], 1) / np.linalg.norm(emb, axis=1) / np.linalg.norm(w[y], axis=1)
         assert stats["theta_deg"].shape == (300,) and np.all(np.isfinite(stats["theta_deg"]))
@@ -210,3 +212,43 @@ def test_margin_stats_gives_every_head_its_target_angle(mnist_small):
         angles[config.head] = stats["theta_deg"]
         assert (stats["quality"] is None) == (config.head != "adaface")
     assert set(angles) == {"softmax", "cosface", "arcface", "adaface"}
+
+
+def test_run_configs_are_typed_and_keep_their_json_form():
+    # the JSON form is the one every committed record holds: layers as lists,
+    # the head's settings as the dict head_kwargs
+    arc = presets.runs("mnist", "report")[0]
+    d = arc.to_dict()
+    assert d["layers"][0] == ["conv", 1, 32] and d["layers"][1] == ["relu"]
+    assert d["head_kwargs"] == {"s": 30.0, "m": 0.5, "variant": "report"}
+    again = presets.RunConfig.from_dict(json.loads(json.dumps(d)))
+    assert again == arc and again.to_dict() == d
+    assert all(isinstance(layer, presets.LayerSpec) for layer in again.layers)
+    assert presets.LayerSpec.coerce(("linear", 256, 2)) == presets.LayerSpec("linear", 256, 2)
+    with pytest.warns(DeprecationWarning, match="head_config"):
+        assert arc.head_kwargs == d["head_kwargs"]
+    with pytest.warns(DeprecationWarning):
+        arc.head_kwargs = {"s": 16.0, "m": 0.2, "variant": "report"}
+    assert arc.head_config == presets.HeadConfig("arcface", s=16.0, m=0.2, variant="report")
+
+
+@pytest.mark.parametrize("bad", [
+    lambda: presets.HeadConfig("sphereface"),
+    lambda: presets.HeadConfig("cosface", variant="report"),     # CosFace has no variants
+    lambda: presets.HeadConfig("softmax", s=30.0),
+    lambda: presets.LayerSpec("conv", 0, 32),
+    lambda: presets.LayerSpec("relu", 3, 3),
+    lambda: presets.LayerSpec("dropout"),
+    lambda: presets.RunConfig("mnist", "fair", "arcface", [], presets.HeadConfig("adaface"),
+                              lr=1e-3, epochs=1),
+])
+def test_typed_config_rejects_what_it_cannot_build(bad):
+    with pytest.raises(ValueError):
+        bad()
+
+
+def test_heads_say_what_their_last_batch_holds():
+    heads = {c.head: presets.build(c).head for c in presets.runs("mnist", "fair")}
+    assert [h for h, head in heads.items() if head.has_quality] == ["adaface"]
+    assert [h for h, head in heads.items() if not head.has_target_angle] == ["softmax"]
+    assert heads["arcface"].kind == "ArcFace"
