@@ -29,7 +29,7 @@ import adaloss
 
 PKG = Path(adaloss.__file__).resolve().parent
 LAYERS = [
-    {"_version", "_core", "fileio", "stats"},
+    {"_version", "_core", "fileio", "stats", "metrics"},
     {"nn", "datasets"},
     {"__init__"},
     {"presets", "checkpoint"},
