@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow   # pdoc renders every module in a subprocess (~10 s)
+
 pytest.importorskip("pdoc")
 
 BUILD = r"""

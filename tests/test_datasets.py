@@ -206,6 +206,7 @@ def test_real_mnist(shared_data):
     assert np.bincount(data.train_labels).min() > 5000
 
 
+@pytest.mark.slow
 def test_real_cifar10(shared_data):
     data = datasets.load_cifar10(shared_data, download=False)
     assert data.train_images.shape == (50000, 3, 32, 32)

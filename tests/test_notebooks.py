@@ -13,6 +13,7 @@ def test_there_are_three_notebooks():
                                            "03_what_the_margin_does.ipynb"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
 def test_notebook_runs_fast(path, shared_data, monkeypatch):
     monkeypatch.setenv("FAST", "1")

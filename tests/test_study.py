@@ -124,6 +124,7 @@ def test_a_failed_run_keeps_the_others(tmp_path, shared_data, capsys):
     assert errtext.startswith("adaloss: 2 run(s) failed") and "Traceback" not in errtext
 
 
+@pytest.mark.slow
 def test_tiny_study_resumes_to_the_same_summary(tmp_path, shared_data):
     kwargs = dict(datasets=["mnist"], presets=["fair"], seeds=2, epochs=1, subset=256,
                   data_root=shared_data, workers=2, progress=False)
@@ -184,6 +185,7 @@ def test_identical_cells_are_trained_once(tmp_path, shared_data, capsys):
         paper["history"]
 
 
+@pytest.mark.slow
 def test_study_on_a_dask_local_cluster(tmp_path, shared_data):
     distributed = pytest.importorskip("dask.distributed")
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
@@ -258,6 +260,7 @@ def test_ctrl_c_stops_the_study_at_once(tmp_path, shared_data):
     assert not any(Path(f"/proc/{w}").exists() for w in workers)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
 def test_a_run_interrupted_in_its_worker_is_not_kept(tmp_path, shared_data):
     # Ctrl-C reaching one worker only: its run stops early and must not be

@@ -253,6 +253,7 @@ class TorchRun:
                 "head": self.weight.detach().double().numpy()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,variant", NETWORK_CASES)
 def test_network_20_steps(name, variant, torch, rng):
     """The report's networks with their heads, identical weights and batches, 20
@@ -402,6 +403,7 @@ def weights_agree(ours, ref, tol=1e-3):
     return frob <= tol and far <= 1e-4, detail
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("num_threads", [1, 2])
 def test_determinism(num_threads, threads):
     threads(num_threads)

@@ -19,6 +19,7 @@ def mnist_small(shared_data):
     return datasets.subset(data, 512, 500, seed=0)
 
 
+@pytest.mark.slow
 def test_fit_learns_on_512_images(mnist_small):
     config = presets.runs("mnist", "fair")[3]   # AdaFace paper head on the fair backbone
     trainer = presets.build(config, seed=0)
@@ -89,6 +90,7 @@ def test_report_arcface_evaluation_applies_the_margin(mnist_small):
         training.evaluate(trainer.net, trainer.head, x, y, "plain")
 
 
+@pytest.mark.slow
 def test_checkpoint_resume_is_bit_identical(mnist_small, tmp_path):
     config = presets.runs("mnist", "paper")[1]  # AdaFace paper: running statistics too
     x, y = mnist_small.train_images[:256], mnist_small.train_labels[:256]
@@ -177,6 +179,7 @@ print("returned", hist.interrupted, len(hist.epochs), round(time.time() - t0, 1)
 """
 
 
+@pytest.mark.slow
 def test_ctrl_c_returns_history_and_keeps_checkpoint(tmp_path):
     proc = subprocess.Popen([sys.executable, "-c", SIGINT_SCRIPT, str(tmp_path)],
                             stdout=subprocess.PIPE, text=True, cwd=tmp_path)

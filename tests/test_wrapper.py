@@ -239,6 +239,7 @@ def test_heads_finite_at_the_edges():
             assert np.isfinite(loss) and np.all(np.isfinite(d)) and np.all(np.isfinite(head.weight_grad))
 
 
+@pytest.mark.slow
 def test_memory_does_not_grow():
     """Training, inference and making networks do not leak. Measured after one
     warm-up round of each: the allocator's caches settle at a few MiB once
@@ -274,6 +275,7 @@ def test_memory_does_not_grow():
     assert rss_kb() - start < 6 * 1024, (start, rss_kb())
 
 
+@pytest.mark.slow
 def test_gil_released_and_threads_agree(threads):
     """Two networks trained in two Python threads at once give the same weights
     as one after the other, the threads overlap, and a Python thread keeps
