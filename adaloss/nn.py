@@ -329,11 +329,7 @@ class Sequential:
             arr = np.asarray(value)
             if arr.shape != p.data.shape:
                 raise ValueError(f"state[{name!r}]: expected shape {p.data.shape}, got {arr.shape}")
-            if not np.issubdtype(arr.dtype, np.floating):
-                raise TypeError(f"state[{name!r}]: expected a float array, got dtype {arr.dtype}")
-            if not np.all(np.isfinite(arr)):
-                raise ValueError(f"state[{name!r}] contains NaN or inf")
-            arrays[name] = arr
+            arrays[name] = _check_float32_array(f"state[{name!r}]", arr)
         for name, arr in arrays.items():  # all checked first: never half-loaded
             np.copyto(expected[name].data, arr, casting="same_kind")
 
@@ -384,8 +380,9 @@ class _Head:
         arr = np.asarray(value)
         if arr.shape != self._weight.shape:
             raise ValueError(f"weight: expected shape {self._weight.shape}, got {arr.shape}")
-        if not np.issubdtype(arr.dtype, np.floating) or not np.all(np.isfinite(arr)):
+        if not np.issubdtype(arr.dtype, np.floating):
             raise ValueError("weight: expected a finite float array")
+        arr = _check_float32_array("weight", arr)
         np.copyto(self._weight, arr, casting="same_kind")
 
     def parameters(self) -> list[Parameter]:
@@ -488,8 +485,7 @@ class AdaFace(_Head):
         return _core.head_state(self._handle)["running_std"]
 
     def set_running_stats(self, mean: float, std: float) -> None:
-        _core.head_set_stats(self._handle, _check_float("mean", mean),
-                             _check_float("std", std, 0.0))
+        _core.head_set_stats(self._handle, *_check_running_stats(mean, std))
 
 
 # ----------------------------------------------------------------- Adam
@@ -545,13 +541,10 @@ class Adam:
 
     def load_state_dict(self, state: Mapping) -> None:
         st = _core.adam_state(self._handle)
-        for key in ("exp_avg", "exp_avg_sq"):
-            arr = np.asarray(state[key], dtype=np.float32)
-            if arr.shape != st[key].shape:
-                raise ValueError(f"state[{key!r}]: expected shape {st[key].shape}, got {arr.shape}")
+        state = _check_adam_state(state, st["exp_avg"].size)   # all checked before any copy
         st["exp_avg"][...] = state["exp_avg"]
         st["exp_avg_sq"][...] = state["exp_avg_sq"]
-        _core.adam_set(self._handle, int(state["step"]), float(state["lr"]))
+        _core.adam_set(self._handle, state["step"], state["lr"])
 
 
 # ----------------------------------------------------------------- Trainer
@@ -586,3 +579,52 @@ class Trainer:
             return np.zeros((0, self.net.output_dim), np.float32)
         return np.concatenate([self.net.forward(x[i:i + batch_size])
                                for i in range(0, n, batch_size)])
+
+
+# ----------------------------------------------------------------- saved state
+# Checks for values that come from a file (checkpoint.load, load_state_dict):
+# the same validators the constructors use, plus what float32 C memory can hold.
+
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+_MAX_STEP = 1 << 53   # Adam's step count: a C int64, and exact in JSON
+
+
+def _check_float32_array(name: str, value) -> np.ndarray:
+    """A finite float array whose values fit float32: a float64 1e39 would be
+    stored as inf."""
+    arr = np.asarray(value)
+    if not np.issubdtype(arr.dtype, np.floating):
+        raise TypeError(f"{name}: expected a float array, got dtype {arr.dtype}")
+    if not np.all(np.isfinite(arr)):
+        raise ValueError(f"{name} contains NaN or inf")
+    if arr.size and arr.dtype.itemsize > 4:   # float32 and float16 always fit
+        largest = max(float(arr.max()), -float(arr.min()))
+        if largest > _FLOAT32_MAX:
+            raise ValueError(f"{name}: values up to {largest:.3g} in magnitude overflow float32 "
+                             f"(largest {_FLOAT32_MAX:.3g})")
+    return arr
+
+
+def _check_running_stats(mean, std) -> tuple[float, float]:
+    """AdaFace's running mean and std of the feature norm, as float32 can hold them."""
+    return (_check_float("running_mean", mean, -_FLOAT32_MAX, _FLOAT32_MAX),
+            _check_float("running_std", std, 0.0, _FLOAT32_MAX))
+
+
+def _check_adam_state(state: Mapping, size: int) -> dict:
+    """A saved Adam state {step, lr, exp_avg, exp_avg_sq} for `size` parameters:
+    lr as Adam() checks it, step a non-negative int, the moments finite float32
+    of that size and exp_avg_sq (a mean of squares) non-negative."""
+    step = _check_int("step", state["step"], 0, _MAX_STEP)
+    lr = Adam([], lr=state["lr"]).lr   # the constructor's own check of lr
+    moments = {}
+    for key in ("exp_avg", "exp_avg_sq"):
+        arr = _check_float32_array(key, state[key])
+        if arr.shape != (size,):
+            raise ValueError(f"{key}: expected shape ({size},), got {arr.shape}")
+        moments[key] = arr
+    if np.any(moments["exp_avg_sq"] < 0):
+        raise ValueError("exp_avg_sq: expected values >= 0 (a running mean of squared "
+                         "gradients), found negative ones")
+    return {"step": step, "lr": lr, **moments}
+
