@@ -7,10 +7,12 @@ Crashes, hangs and memory blow-ups are tested in a child process with a
 timeout and an address-space limit."""
 from __future__ import annotations
 
+import gzip
 import hashlib
 import io
 import json
 import os
+import pickle
 import subprocess
 import sys
 import textwrap
@@ -21,8 +23,9 @@ import numpy as np
 import pytest
 
 import adaloss
-from adaloss import checkpoint
+from adaloss import checkpoint, datasets
 from adaloss.checkpoint import CheckpointError
+from adaloss.datasets import DataError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -302,3 +305,170 @@ def test_load_state_dict_refuses_values_that_overflow_float32():
     head = adaloss.ArcFace(3, 2)
     with pytest.raises(ValueError, match="weight.*float32"):
         head.weight = np.full((3, 2), -1e39)
+
+
+# ================================================================= data sets
+
+MNIST_TRAIN_IMAGES = "train-images-idx3-ubyte"
+
+
+def test_mnist_gzip_bomb_is_stopped_at_the_known_size(tmp_path):
+    """Item 8: a 0.25 MiB .gz that inflates to 520 MiB, under a memory limit,
+    gives a DataError naming the file (verify=True stops at the official size,
+    verify=False at the size the header declares)."""
+    folder = tmp_path / "mnist"
+    folder.mkdir()
+    bomb = folder / (MNIST_TRAIN_IMAGES + ".gz")
+    header = bytes([0, 0, 8, 3]) + b"".join(d.to_bytes(4, "big") for d in (60000, 28, 28))
+    with gzip.open(bomb, "wb", compresslevel=9) as fh:
+        fh.write(header)
+        for _ in range(520):
+            fh.write(bytes(1 << 20))
+    assert bomb.stat().st_size < 1 << 20
+    proc = run_child("""
+        from adaloss import datasets
+        for verify in (True, False):
+            try:
+                datasets.load_mnist(sys.argv[1], download=False, verify=verify)
+            except datasets.DataError as exc:
+                print("REFUSED", exc)
+        """, tmp_path, extra_mib=200)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 2 and all(l.startswith("REFUSED") and str(bomb) in l for l in lines), \
+        proc.stdout
+
+
+def test_mnist_header_declaring_a_huge_size_is_refused(tmp_path):
+    folder = tmp_path / "mnist"
+    folder.mkdir()
+    path = folder / MNIST_TRAIN_IMAGES
+    path.write_bytes(bytes([0, 0, 8, 3]) + b"".join(
+        d.to_bytes(4, "big") for d in (2 ** 31, 28, 28)) + bytes(100))
+    with pytest.raises(DataError, match=MNIST_TRAIN_IMAGES):
+        datasets.load_mnist(tmp_path, download=False, verify=False)
+
+
+class _Payload:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_cifar_python_batch_never_runs_pickled_code(tmp_path):
+    """Item 9: a hostile python batch whose payload creates a file is refused,
+    even with verify=False, and the file is not created; the message does not
+    recommend verify=False."""
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    victim = tmp_path / "pwned"
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {b"data": rng.integers(0, 256, (10000, 3072), dtype=np.uint8),
+                 b"labels": rng.integers(0, 10, 10000).tolist()}
+        if name == "data_batch_2":
+            batch[b"extra"] = _Payload(str(victim))
+        with open(folder / name, "wb") as fh:
+            pickle.dump(batch, fh, protocol=2)
+    with pytest.raises(DataError) as err:
+        datasets.load_cifar10(tmp_path, download=False)
+    assert "verify=False" not in str(err.value) and "MD5" in str(err.value)
+    with pytest.raises(DataError, match="data_batch_2.*(forbidden|not allowed)"):
+        datasets.load_cifar10(tmp_path, download=False, verify=False)
+    assert not victim.exists()
+
+
+def test_cifar_python_batch_in_the_official_layout_still_loads(tmp_path):
+    """The restricted unpickler accepts what the official (Python 2) batches hold:
+    a dict of byte-string keys, a uint8 array built by numpy.core.multiarray.
+    _reconstruct, labels and file names."""
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    expected = {}
+    for i, name in enumerate([f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]):
+        data = rng.integers(0, 256, (10000, 3072), dtype=np.uint8)
+        labels = rng.integers(0, 10, 10000).tolist()
+        batch = {b"batch_label": b"training batch", b"data": data, b"labels": labels,
+                 b"filenames": [b"x.png"] * 3}
+        raw = pickle.dumps(batch, protocol=(2, 4, 5, 2, 4, 5)[i])
+        # the official files were written by Python 2 with NumPy 1.x: protocol 2,
+        # whose GLOBAL opcode names numpy.core (only protocol 2 has that opcode)
+        raw = raw.replace(b"cnumpy._core.multiarray\n", b"cnumpy.core.multiarray\n")
+        (folder / name).write_bytes(raw)
+        expected[name] = (data, labels)
+    data = datasets.load_cifar10(tmp_path, download=False, verify=False)
+    np.testing.assert_array_equal(data.test_images.reshape(10000, -1), expected["test_batch"][0])
+    np.testing.assert_array_equal(data.train_labels[:10000], expected["data_batch_1"][1])
+
+
+def save_png(path, array):
+    from PIL import Image
+
+    Image.fromarray(array).save(path)
+
+
+def test_image_folder_16_bit_png_is_rescaled(tmp_path):
+    """Item 10: a 16-bit grayscale PNG keeps its contrast (>> 8), one channel."""
+    (tmp_path / "a").mkdir()
+    pixels = (np.arange(48, dtype=np.uint16).reshape(6, 8) * 1365)
+    save_png(tmp_path / "a" / "0.png", pixels)
+    images, labels, _ = datasets.load_image_folder(tmp_path)
+    assert images.shape == (1, 1, 6, 8)
+    np.testing.assert_array_equal(images[0, 0], (pixels >> 8).astype(np.uint8))
+    images, _, _ = datasets.load_image_folder(tmp_path, grayscale=False)
+    assert images.shape == (1, 3, 6, 8)
+    np.testing.assert_array_equal(images[0, 2], (pixels >> 8).astype(np.uint8))
+
+
+def test_image_folder_errors_name_the_file_and_what_was_expected(tmp_path):
+    from PIL import Image
+
+    (tmp_path / "a").mkdir()
+    rng = np.random.default_rng(0)
+    save_png(tmp_path / "a" / "0.png", rng.integers(0, 256, (8, 8, 3), dtype=np.uint8))
+    save_png(tmp_path / "a" / "1.png", rng.integers(0, 256, (8, 8), dtype=np.uint8))
+    with pytest.raises(DataError) as err:      # gray among RGB: channels, not size
+        datasets.load_image_folder(tmp_path)
+    assert "1.png" in str(err.value) and "grayscale=" in str(err.value)
+    assert "size=" not in str(err.value)
+    (tmp_path / "a" / "1.png").unlink()
+    save_png(tmp_path / "a" / "2.png", rng.integers(0, 256, (9, 8, 3), dtype=np.uint8))
+    with pytest.raises(DataError, match=r"2\.png.*size="):
+        datasets.load_image_folder(tmp_path)
+    (tmp_path / "a" / "2.png").unlink()
+    raw = (tmp_path / "a" / "0.png").read_bytes()
+    (tmp_path / "a" / "3.png").write_bytes(raw[:len(raw) // 2])     # truncated
+    with pytest.raises(DataError, match=r"3\.png"):
+        datasets.load_image_folder(tmp_path)
+    (tmp_path / "a" / "3.png").unlink()
+    Image.new("L", (3000, 3000)).save(tmp_path / "a" / "4.png")
+    limit = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = 1000
+    try:
+        with pytest.raises(DataError, match=r"4\.png.*pixels"):
+            datasets.load_image_folder(tmp_path)
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
+
+
+def test_download_timeout_is_short_and_each_mirror_is_named(tmp_path, monkeypatch, capsys):
+    """Weak case: an unresponsive network; each mirror is announced and tried
+    with a short (connect) timeout, then the clear offline error."""
+    import socket
+
+    seen = []
+
+    def silent(request, timeout):
+        seen.append((request.full_url, timeout))
+        raise socket.timeout("timed out")
+
+    monkeypatch.setattr(datasets.urllib.request, "urlopen", silent)
+    with pytest.raises(DataError, match="could not be downloaded"):
+        datasets.load_mnist(tmp_path)
+    assert len(seen) == len(datasets.MNIST_MIRRORS)
+    assert all(timeout <= 10 for _, timeout in seen)
+    err = capsys.readouterr().err
+    assert all(m in err for m in datasets.MNIST_MIRRORS)
