@@ -628,3 +628,86 @@ def _check_adam_state(state: Mapping, size: int) -> dict:
                          "gradients), found negative ones")
     return {"step": step, "lr": lr, **moments}
 
+
+# ----------------------------------------------------------------- pickling
+# A handle holds C memory (a PyCapsule), which pickle cannot copy. As torch
+# modules do, handles pickle as what rebuilds them: layer specs and settings,
+# then the state (weights, gradients, Adam moments, running statistics).
+
+def _layer_from_spec(spec: Sequence[int]) -> Layer:
+    kind, a, b, c, d = spec
+    rng = np.random.default_rng(0)   # the weights are overwritten; the global generator is untouched
+    if kind == _CONV:
+        return Conv2d(a, b, kernel_size=c, padding=d, rng=rng)
+    if kind == _LINEAR:
+        return Linear(a, b, rng=rng)
+    return {_RELU: ReLU, _POOL: MaxPool2d, _FLATTEN: Flatten, _L2NORM: L2Normalize}[kind]()
+
+
+def _rebuild_sequential(specs: list, input_shape: tuple, state: dict,
+                        grads: np.ndarray) -> Sequential:
+    net = Sequential([_layer_from_spec(spec) for spec in specs], input_shape)
+    net.load_state_dict(state)
+    net._grad_arena[...] = grads
+    return net
+
+
+def _reduce_sequential(net: Sequential):
+    return (_rebuild_sequential, ([layer.spec() for layer in net.layers], net.input_shape,
+                                  net.state_dict(), net._grad_arena.copy()))
+
+
+def _rebuild_head(cls: type, config: dict, weight: np.ndarray, weight_grad: np.ndarray,
+                  training: bool, stats: tuple | None) -> _Head:
+    head = cls.__new__(cls)
+    _Head.__init__(head, **config, rng=np.random.default_rng(0))
+    head.weight = weight
+    head.weight_grad[...] = weight_grad
+    head.training = training
+    if stats is not None:
+        head.set_running_stats(*stats)
+    return head
+
+
+def _reduce_head(head: _Head):
+    config = {"num_classes": head.num_classes, "embedding_dim": head.embedding_dim, "s": head.s,
+              "m": head.m, "h": head.h, "t_alpha": head.t_alpha, "variant": head.variant}
+    stats = (head.running_mean, head.running_std) if isinstance(head, AdaFace) else None
+    return (_rebuild_head, (type(head), config, head.weight.copy(), head.weight_grad.copy(),
+                            head.training, stats))
+
+
+def _reduce_adam(optimizer: Adam):
+    raise TypeError("Adam cannot be pickled or copied on its own: its parameters are views of a "
+                    "network's and head's memory. Pickle or copy.deepcopy the Trainer (network, "
+                    "head and optimizer together), or save with adaloss.checkpoint.save(path, "
+                    "net, head, optimizer) or Adam.state_dict()")
+
+
+def _rebuild_trainer(net: Sequential, head: _Head, index: list, hyper: dict,
+                     state: dict) -> Trainer:
+    owned = net.parameters() + head.parameters()
+    optimizer = Adam([owned[i] for i in index], **hyper)
+    optimizer.load_state_dict(state)
+    return Trainer(net, head, optimizer)
+
+
+def _reduce_trainer(trainer: Trainer):
+    owned = trainer.net.parameters() + trainer.head.parameters()
+    index = []
+    for p in trainer.optimizer.params:
+        found = [i for i, q in enumerate(owned) if q is p]
+        if not found:
+            raise TypeError(f"Trainer: optimizer parameter {p.name!r} belongs to neither the "
+                            "network nor the head, so a copy could not share it; save with "
+                            "adaloss.checkpoint.save instead")
+        index.append(found[0])
+    opt = trainer.optimizer
+    hyper = {"lr": opt.lr, "betas": opt.betas, "eps": opt.eps, "weight_decay": opt.weight_decay}
+    return (_rebuild_trainer, (trainer.net, trainer.head, index, hyper, opt.state_dict()))
+
+
+Sequential.__reduce__ = _reduce_sequential
+_Head.__reduce__ = _reduce_head
+Adam.__reduce__ = _reduce_adam
+Trainer.__reduce__ = _reduce_trainer

@@ -7,6 +7,7 @@ Crashes, hangs and memory blow-ups are tested in a child process with a
 timeout and an address-space limit."""
 from __future__ import annotations
 
+import copy
 import gzip
 import hashlib
 import io
@@ -305,6 +306,34 @@ def test_load_state_dict_refuses_values_that_overflow_float32():
     head = adaloss.ArcFace(3, 2)
     with pytest.raises(ValueError, match="weight.*float32"):
         head.weight = np.full((3, 2), -1e39)
+
+
+def test_pickle_and_deepcopy_of_adaloss_objects():
+    """Weak case: pickle and copy.deepcopy work for Sequential, heads and Trainer
+    (built on state_dict and spec), and the copy trains on its own."""
+    trainer = small_trainer(1)
+    x = np.random.default_rng(0).normal(size=(16, 8)).astype(np.float32)
+    y = np.arange(16) % 3
+    for clone_of in (copy.deepcopy, lambda obj: pickle.loads(pickle.dumps(obj))):
+        clone = clone_of(trainer)
+        assert_same_state(snapshot(trainer), snapshot(clone))
+        assert clone.head_trained == trainer.head_trained
+        np.testing.assert_array_equal(clone.net.forward(x), trainer.net.forward(x))
+        before = snapshot(trainer)
+        loss_clone = clone.step(x, y)
+        assert_same_state(before, snapshot(trainer))          # the original is untouched
+        loss = trainer.step(x, y)
+        assert loss == loss_clone                             # same state, same step
+        assert_same_state(snapshot(trainer), snapshot(clone))
+    for head in (adaloss.Softmax(3, 4), adaloss.CosFace(3, 4, s=5.0, m=0.2),
+                 adaloss.ArcFace(3, 4, variant="report"), adaloss.AdaFace(3, 4, h=0.5)):
+        clone = pickle.loads(pickle.dumps(head))
+        assert repr(clone) == repr(head) and type(clone) is type(head)
+        np.testing.assert_array_equal(clone.weight, head.weight)
+    net = copy.deepcopy(trainer.net)
+    assert net.state_dict().keys() == trainer.net.state_dict().keys()
+    with pytest.raises(TypeError, match="Trainer|checkpoint"):
+        pickle.dumps(trainer.optimizer)
 
 
 # ================================================================= data sets
