@@ -27,6 +27,7 @@ import tempfile
 import time
 import zipfile
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -260,11 +261,8 @@ def _field(path: Path, table, key: str, where: str = "meta"):
 def _validated(path: Path, arrays: dict, meta: dict, net: Sequential, head: _Head,
                optimizer: Adam) -> dict:
     """Everything load() copies, parsed and checked by the same validators the
-    constructors and setters use; raises CheckpointError naming file and key."""
-    architecture = _field(path, meta, "architecture")
-    if architecture != _architecture(net, head):
-        raise CheckpointError(f"{path}: saved for another architecture: "
-                              f"{architecture} vs {_architecture(net, head)}")
+    constructors and setters use; raises CheckpointError naming file and key.
+    (read() has checked the architecture.)"""
     opt = _field(path, meta, "optimizer")
     num_params = _field(path, opt, "num_params", "optimizer")
     if num_params != len(optimizer.params):
@@ -317,17 +315,25 @@ def _expected_arrays(net: Sequential, head: _Head, optimizer: Adam) -> dict:
     return shapes
 
 
-def load(path, net: Sequential, head: _Head, optimizer: Adam) -> dict:
+def load(path, net: Sequential, head: _Head, optimizer: Adam,
+         check_extra: Callable[[dict], object] | None = None) -> dict:
     """Restore a checkpoint into existing objects of the same architecture;
     returns the `extra` dict. Everything is read and checked before anything is
     copied: nothing is changed when anything fails, and every failure is a
-    CheckpointError naming the file and the key."""
+    CheckpointError naming the file and the key. `check_extra(extra)`, if given,
+    runs before the copy too; its TypeError, ValueError or KeyError becomes a
+    CheckpointError."""
     path = Path(path)
     expected = _expected_arrays(net, head, optimizer)
     max_bytes = (HEADER + MAX_META_BYTES + (1 << 20)
                  + sum(4 * math.prod(shape) + 256 for shape in expected.values()))
     arrays, meta = read(path, expected, max_bytes, _architecture(net, head))
     state = _validated(path, arrays, meta, net, head, optimizer)
+    if check_extra is not None:
+        try:
+            check_extra(state["extra"])
+        except (TypeError, ValueError, KeyError) as exc:
+            raise CheckpointError(f"{path}: extra: {exc!r}") from exc
     net.load_state_dict(state["net"])
     head.weight = state["head"]
     optimizer.load_state_dict(state["adam"])
@@ -346,11 +352,23 @@ def save_training(folder, trainer: Trainer, epoch: int, rng: np.random.Generator
          rng=rng.bit_generator.state, history=history.to_dict())
 
 
+def _check_training_extra(extra: dict) -> None:
+    """What load_latest reads from `extra`, checked before the weights are copied."""
+    from .nn import _check_int
+    from .training import History
+
+    _check_int("epoch", extra["epoch"], 0, 1 << 31)
+    np.random.default_rng().bit_generator.state = extra["rng"]
+    if not isinstance(extra["history"], dict):
+        raise TypeError(f"history: expected a JSON object, got {type(extra['history']).__name__}")
+    History.from_dict(extra["history"])
+
+
 def load_latest(folder, trainer: Trainer):
     path = Path(folder) / LATEST
     if not path.exists():
         return None
-    extra = load(path, trainer.net, trainer.head, trainer.optimizer)
+    extra = load(path, trainer.net, trainer.head, trainer.optimizer, _check_training_extra)
     from .training import History
 
     rng = np.random.default_rng()

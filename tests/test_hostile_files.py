@@ -169,6 +169,25 @@ def test_checkpoint_roundtrip_still_exact(tmp_path):
     assert_same_state(snapshot(saved), snapshot(target))
 
 
+@pytest.mark.parametrize("extra", [{"epoch": 1, "rng": "garbage", "history": {}},
+                                   {"rng": None, "history": {}},
+                                   {"epoch": -3, "rng": None, "history": {}},
+                                   {"epoch": 1, "rng": None, "history": [1]}])
+def test_load_latest_checks_its_extra_before_copying(tmp_path, extra):
+    """fit(checkpoint_dir=...) resumes through load_latest: an epoch, RNG state or
+    history it cannot use is refused before the weights are overwritten."""
+    saved = small_trainer(1)
+    rng_state = np.random.default_rng(0).bit_generator.state
+    extra = {k: (rng_state if v is None else v) for k, v in extra.items()}
+    checkpoint.save(tmp_path / checkpoint.LATEST, saved.net, saved.head, saved.optimizer,
+                    **extra)
+    target = small_trainer(2)
+    before = snapshot(target)
+    with pytest.raises(CheckpointError, match="extra"):
+        checkpoint.load_latest(tmp_path, target)
+    assert_same_state(before, snapshot(target))
+
+
 def add_member(path: Path, name: str, size: int, compress=zipfile.ZIP_DEFLATED) -> None:
     """Append a member of `size` zero bytes to a checkpoint and re-seal it."""
     buf = io.BytesIO(path.read_bytes()[checkpoint.HEADER:])
