@@ -12,7 +12,14 @@ Format (version 1), one file:
                  caller adds (epoch, RNG state, history).
 
 Writes go to a temporary file in the same folder, are fsynced, then renamed
-over the target, so a crash mid-save never destroys the previous checkpoint.
+over the target, so a crash mid-save never destroys the previous checkpoint;
+the next save removes temporary files a killed save left behind.
+
+Reading trusts nothing in the file: it must be a regular file of a bounded
+size; the zip member list (known names, stored, no duplicates) and each npy
+header (dtype, shape, size) are checked before any data is read; then every
+value is checked as the constructors check their arguments, and only then is
+anything copied. Nothing is ever unpickled.
 """
 from __future__ import annotations
 

@@ -345,8 +345,8 @@ class _CifarUnpickler(pickle.Unpickler):
         try:
             return CIFAR_PICKLE_GLOBALS[(module, name)]
         except KeyError:
-            raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in a CIFAR-10 "
-                                         "batch (forbidden: it could run code)") from None
+            raise pickle.UnpicklingError(f"global {module}.{name} is forbidden in a CIFAR-10 "
+                                         "batch: a pickle that calls it could run code") from None
 
 
 def _load_cifar_batch(path: Path) -> dict:
