@@ -100,10 +100,6 @@ def _cache_dir() -> Path:
     return Path(cache) / "adaloss"
 
 
-def _md5(data: bytes) -> str:
-    return hashlib.md5(data).hexdigest()
-
-
 def _md5_file(path: Path) -> str:
     digest = hashlib.md5()
     with open(path, "rb") as fh:
