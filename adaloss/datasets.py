@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import math
 import os
 import pickle
+import sys
 import tarfile
 import tempfile
 import urllib.error
 import urllib.request
 import warnings
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +36,13 @@ MNIST_FILES = {
     "t10k-images-idx3-ubyte": ("2646ac647ad5339dbf082846283269ea", "9fb629c4189551a2d022fa330f9573f3"),
     "t10k-labels-idx1-ubyte": ("27ae3e4e09519cfbb04c329615203637", "ec29112dd5afa0611ce80d1b7f02629c"),
 }
+MNIST_SIZES = {  # bytes of each decompressed official file
+    "train-images-idx3-ubyte": 47040016, "train-labels-idx1-ubyte": 60008,
+    "t10k-images-idx3-ubyte": 7840016, "t10k-labels-idx1-ubyte": 10008,
+}
+MAX_IDX_BYTES = 1 << 30   # an IDX file whose header declares more is refused
+MAX_CIFAR_BATCH_BYTES = 64 << 20   # an official python batch has 31,035,704 bytes
+DOWNLOAD_TIMEOUT = 10.0   # seconds to connect, and to wait for each chunk
 MNIST_MIRRORS = ["https://ossci-datasets.s3.amazonaws.com/mnist/",
                  "https://storage.googleapis.com/cvdf-datasets/mnist/",
                  "http://yann.lecun.com/exdb/mnist/"]
@@ -88,8 +98,6 @@ def default_root() -> Path:
     return Path(cache) / "adaloss"
 
 
-def _md5(data: bytes) -> str:
-    return hashlib.md5(data).hexdigest()
 
 
 def _md5_file(path: Path) -> str:
@@ -117,7 +125,7 @@ def download(url: str, dest: Path, md5: str | None = None, progress: bool = True
     part = dest.with_name(dest.name + ".part")
     have = part.stat().st_size if part.exists() else 0
     request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
-    with urllib.request.urlopen(request, timeout=30) as response:
+    with urllib.request.urlopen(request, timeout=DOWNLOAD_TIMEOUT) as response:
         if have and response.status != 206:  # the server ignored the range
             have = 0
         total = response.headers.get("Content-Length")
@@ -142,26 +150,62 @@ def download(url: str, dest: Path, md5: str | None = None, progress: bool = True
 
 
 def _fetch(urls: list, dest: Path, md5: str | None) -> str | None:
-    """Try each mirror; the last error's text, or None on success."""
+    """Try each mirror, saying which on stderr; the last error's text, or None
+    on success. A silent mirror costs DOWNLOAD_TIMEOUT seconds."""
     error = None
     for url in urls:
+        print(f"adaloss: downloading {url}", file=sys.stderr, flush=True)
         try:
             download(url, dest, md5)
             return None
         except (urllib.error.URLError, OSError, DataError, TimeoutError) as exc:
             error = f"{url}: {exc}"
+            print(f"adaloss: {error}", file=sys.stderr, flush=True)
     return error
 
 
 # ------------------------------------------------------------------ MNIST
 
-def _read_idx(path: Path) -> bytes:
+def _read_idx(path: Path, size: int | None = None) -> tuple[bytes, str]:
+    """The decompressed bytes of an IDX file and their MD5, read in chunks and
+    hashed as read. Never more than `size` bytes (the official file's size) or,
+    without it, than the header declares (at most MAX_IDX_BYTES) are read: a
+    gzip bomb stops there with a DataError."""
     opener = gzip.open if path.suffix == ".gz" else open
+    digest, total = hashlib.md5(), 0
     try:
         with opener(path, "rb") as fh:
-            return fh.read()
-    except (OSError, EOFError, gzip.BadGzipFile) as exc:
+            header = fh.read(4)
+            limit = size
+            if len(header) == 4 and header[:3] == b"\0\0\x08" and header[3] >= 1:
+                header += fh.read(4 * header[3])
+                dims = [int.from_bytes(header[4 + 4 * i:8 + 4 * i], "big")
+                        for i in range(header[3])]
+                declared = len(header) + math.prod(dims)
+                if size is None and declared > MAX_IDX_BYTES:
+                    raise DataError(f"{path}: the IDX header declares shape {tuple(dims)}, "
+                                    f"{declared} bytes; expected at most {MAX_IDX_BYTES}")
+                limit = declared if size is None else size
+            digest.update(header)
+            chunks, total = [header], len(header)
+            while limit is not None and total <= limit:
+                chunk = fh.read(min(1 << 20, limit + 1 - total))
+                if not chunk:
+                    break
+                digest.update(chunk)
+                chunks.append(chunk)
+                total += len(chunk)
+    except DataError:
+        raise
+    except (OSError, EOFError, gzip.BadGzipFile, zlib.error) as exc:
         raise DataError(f"{path}: cannot read ({exc}); the file is damaged, delete it") from exc
+    except MemoryError as exc:
+        raise DataError(f"{path}: out of memory reading {total} bytes") from exc
+    if limit is not None and total > limit:
+        what = "the official file's size" if size is not None else "what its header declares"
+        raise DataError(f"{path}: more than {limit} bytes, {what}; the file is damaged or not "
+                        "an MNIST file (a gzip bomb?), delete it")
+    return b"".join(chunks), digest.hexdigest()
 
 
 def parse_idx(data: bytes, path: Path | str = "<bytes>") -> np.ndarray:
@@ -184,11 +228,11 @@ def _mnist_file(folder: Path, name: str, verify: bool, download_ok: bool) -> np.
     raw_md5, gz_md5 = MNIST_FILES[name]
     for cand in (folder / name, folder / (name + ".gz")):
         if cand.exists():
-            data = _read_idx(cand)
-            if verify and _md5(data) != raw_md5:
-                raise DataError(f"{cand}: MD5 of the decompressed file is {_md5(data)}, expected "
+            data, md5 = _read_idx(cand, MNIST_SIZES[name] if verify else None)
+            if verify and md5 != raw_md5:
+                raise DataError(f"{cand}: MD5 of the decompressed file is {md5}, expected "
                                 f"{raw_md5}; the file is damaged or not the official one. Delete "
-                                "it (it is downloaded again) or pass verify=False")
+                                "it (it is downloaded again)")
             return parse_idx(data, cand)
     dest = folder / (name + ".gz")
     error = "download=False"
@@ -234,7 +278,8 @@ def _read_manifest(folder: Path) -> dict:
 def _check_known(path: Path, expected: str | None, verify: bool) -> None:
     if verify and expected is not None and _md5_file(path) != expected:
         raise DataError(f"{path}: MD5 is {_md5_file(path)}, expected {expected}; the file is "
-                        "damaged. Delete the folder (it is downloaded again) or pass verify=False")
+                        "damaged or not the official one. Delete the folder (it is downloaded "
+                        "again)")
 
 
 def _cifar_bin(folder: Path, verify: bool):
@@ -257,6 +302,61 @@ def _cifar_bin(folder: Path, verify: bool):
     return parts
 
 
+def _cifar_array(subtype, shape, dtype):
+    """numpy's _reconstruct, only as ndarray pickles call it (an empty ndarray
+    that __setstate__ then fills from the pickled bytes)."""
+    if subtype is not _NDARRAY or tuple(shape) != (0,):
+        raise pickle.UnpicklingError("_reconstruct: only an empty numpy.ndarray is allowed")
+    return _RECONSTRUCT(np.ndarray, (0,), dtype)
+
+
+def _latin1(text, encoding):
+    """_codecs.encode as Python 3 protocol-2 pickles use it for bytes."""
+    if encoding != "latin1" or not isinstance(text, str):
+        raise pickle.UnpicklingError("_codecs.encode: only latin1 text is allowed")
+    return text.encode("latin1")
+
+
+_NDARRAY = object()   # numpy.ndarray as an argument of _reconstruct, never called
+_RECONSTRUCT = np.zeros(0).__reduce__()[0]        # numpy's own, under its current name
+_FROMBUFFER = np.zeros(1).__reduce_ex__(5)[0]     # used by protocol-5 pickles
+CIFAR_PICKLE_GLOBALS = {  # all a CIFAR-10 python batch needs (official: the first three)
+    ("numpy.core.multiarray", "_reconstruct"): _cifar_array,
+    ("numpy", "ndarray"): _NDARRAY,
+    ("numpy", "dtype"): np.dtype,
+    ("numpy._core.multiarray", "_reconstruct"): _cifar_array,   # written by NumPy 2
+    ("numpy.core.numeric", "_frombuffer"): _FROMBUFFER,
+    ("numpy._core.numeric", "_frombuffer"): _FROMBUFFER,
+    ("_codecs", "encode"): _latin1,
+}
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickles what a CIFAR-10 python batch holds and nothing else: dicts,
+    lists, byte strings, ints and NumPy arrays. Any other global (the function or
+    class a hostile pickle calls to run code) is refused, so no foreign code
+    runs, whether or not the MD5 was checked."""
+
+    def find_class(self, module, name):
+        try:
+            return CIFAR_PICKLE_GLOBALS[(module, name)]
+        except KeyError:
+            raise pickle.UnpicklingError(f"global {module}.{name} is forbidden in a CIFAR-10 "
+                                         "batch: a pickle that calls it could run code") from None
+
+
+def _load_cifar_batch(path: Path) -> dict:
+    """A CIFAR-10 python batch, through the restricted unpickler."""
+    if path.stat().st_size > MAX_CIFAR_BATCH_BYTES:
+        raise DataError(f"{path}: {path.stat().st_size} bytes, expected a CIFAR-10 python batch "
+                        f"of about 31 MB (at most {MAX_CIFAR_BATCH_BYTES})")
+    with open(path, "rb") as fh:
+        batch = _CifarUnpickler(fh, encoding="bytes").load()
+    if not isinstance(batch, dict):
+        raise DataError(f"{path}: expected a pickled dict, got {type(batch).__name__}")
+    return batch
+
+
 def _cifar_py(folder: Path, verify: bool):
     parts = {}
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
@@ -265,10 +365,11 @@ def _cifar_py(folder: Path, verify: bool):
             raise DataError(f"{path} is missing")
         _check_known(path, CIFAR_PY_MD5[name], verify)
         try:
-            with open(path, "rb") as fh:
-                batch = pickle.load(fh, encoding="bytes")
+            batch = _load_cifar_batch(path)
             data = np.asarray(batch[b"data"], np.uint8)
             labels = np.asarray(batch[b"labels"], np.int64)
+        except DataError:
+            raise
         except Exception as exc:  # a damaged pickle raises many kinds of errors
             raise DataError(f"{path}: not a CIFAR-10 python batch ({exc})") from exc
         if data.shape != (10000, 3072) or labels.shape != (10000,) or labels.max() > 9:
@@ -323,10 +424,49 @@ def load_cifar10(root=None, download: bool = True, verify: bool = True) -> Datas
 
 # ------------------------------------------------------------------ folders
 
+_SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}   # 16-bit grayscale PNG
+_GRAY_MODES = {"1", "L", "LA"} | _SIXTEEN_BIT_MODES
+_IMAGE_MODES = _GRAY_MODES | {"P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr"}
+
+
+def _read_image(f: Path, Image, grayscale: bool | None, size: tuple | None) -> np.ndarray:
+    """One PNG or JPEG file as (C, H, W) uint8. 16-bit grayscale keeps its top
+    byte (value >> 8, so 65535 -> 255 and contrast is kept, not clipped)."""
+    try:
+        with Image.open(f) as img:
+            img.load()
+            mode = img.mode
+            if mode not in _IMAGE_MODES:
+                raise DataError(f"{f}: image mode {mode!r} is not supported; expected 8- or 16-bit "
+                                "grayscale, palette or RGB(A)")
+            if mode in _SIXTEEN_BIT_MODES:
+                wide = np.asarray(img)
+                if wide.size and (wide.min() < 0 or wide.max() > 65535):
+                    raise DataError(f"{f}: image mode {mode!r} with values outside 0..65535; "
+                                    "expected 8- or 16-bit grayscale")
+                img = Image.fromarray((wide.astype(np.uint32) >> 8).astype(np.uint8))
+            gray = grayscale if grayscale is not None else mode in _GRAY_MODES
+            img = img.convert("L" if gray else "RGB")
+            if size is not None:
+                img = img.resize((size[1], size[0]))
+            arr = np.asarray(img, np.uint8)
+    except DataError:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise DataError(f"{f}: {exc} Expected small images; if this file is trusted, raise "
+                        "PIL.Image.MAX_IMAGE_PIXELS") from exc
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:  # Pillow's damaged-file errors
+        raise DataError(f"{f}: cannot read the image ({exc}); expected a complete PNG or JPEG "
+                        "file: it is truncated or damaged, replace or delete it") from exc
+    return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+
+
 def load_image_folder(path, size: tuple | None = None, grayscale: bool | None = None):
     """A folder per class of PNG/JPEG files: (images (N, C, H, W) uint8, labels
     (N,) int64, class names sorted). Needs Pillow. All images must share a size
-    unless `size=(H, W)` resizes them."""
+    unless `size=(H, W)` resizes them, and a channel count unless `grayscale`
+    (True: one channel, False: RGB) converts them; by default grayscale files
+    give one channel. 16-bit grayscale PNGs are scaled to 8 bits by >> 8."""
     try:
         from PIL import Image  # deferred on purpose: Pillow is optional (adaloss[images])
     except ImportError as exc:
@@ -337,20 +477,21 @@ def load_image_folder(path, size: tuple | None = None, grayscale: bool | None = 
     classes = sorted(d.name for d in folder.iterdir() if d.is_dir())
     if not classes:
         raise DataError(f"path: {folder} has no class folders")
-    images, labels = [], []
+    images, labels, first = [], [], None
     for label, cls in enumerate(classes):
         for f in sorted((folder / cls).iterdir()):
             if f.suffix.lower() not in {".png", ".jpg", ".jpeg"}:
                 continue
-            with Image.open(f) as img:
-                mode = "L" if (grayscale if grayscale is not None else img.mode in ("L", "1")) else "RGB"
-                img = img.convert(mode)
-                if size is not None:
-                    img = img.resize((size[1], size[0]))
-                arr = np.asarray(img, np.uint8)
-            arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+            arr = _read_image(f, Image, grayscale, size)
+            if images and arr.shape[0] != images[0].shape[0]:
+                raise DataError(f"{f}: {arr.shape[0]} channel(s), expected {images[0].shape[0]} "
+                                f"as in {first}; pass grayscale=True or grayscale=False to "
+                                "convert all images to one")
             if images and arr.shape != images[0].shape:
-                raise DataError(f"{f}: shape {arr.shape} differs from {images[0].shape}; pass size=")
+                raise DataError(f"{f}: {arr.shape[1]}x{arr.shape[2]} pixels, expected "
+                                f"{images[0].shape[1]}x{images[0].shape[2]} as in {first}; pass "
+                                "size=(H, W) to resize all images")
+            first = first or f
             images.append(arr)
             labels.append(label)
     if not images:

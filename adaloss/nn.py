@@ -329,11 +329,7 @@ class Sequential:
             arr = np.asarray(value)
             if arr.shape != p.data.shape:
                 raise ValueError(f"state[{name!r}]: expected shape {p.data.shape}, got {arr.shape}")
-            if not np.issubdtype(arr.dtype, np.floating):
-                raise TypeError(f"state[{name!r}]: expected a float array, got dtype {arr.dtype}")
-            if not np.all(np.isfinite(arr)):
-                raise ValueError(f"state[{name!r}] contains NaN or inf")
-            arrays[name] = arr
+            arrays[name] = _check_float32_array(f"state[{name!r}]", arr)
         for name, arr in arrays.items():  # all checked first: never half-loaded
             np.copyto(expected[name].data, arr, casting="same_kind")
 
@@ -403,8 +399,9 @@ class _Head:
         arr = np.asarray(value)
         if arr.shape != self._weight.shape:
             raise ValueError(f"weight: expected shape {self._weight.shape}, got {arr.shape}")
-        if not np.issubdtype(arr.dtype, np.floating) or not np.all(np.isfinite(arr)):
+        if not np.issubdtype(arr.dtype, np.floating):
             raise ValueError("weight: expected a finite float array")
+        arr = _check_float32_array("weight", arr)
         np.copyto(self._weight, arr, casting="same_kind")
 
     def parameters(self) -> list[Parameter]:
@@ -509,8 +506,7 @@ class AdaFace(_Head):
         return _core.head_state(self._handle)["running_std"]
 
     def set_running_stats(self, mean: float, std: float) -> None:
-        _core.head_set_stats(self._handle, _check_float("mean", mean),
-                             _check_float("std", std, 0.0))
+        _core.head_set_stats(self._handle, *_check_running_stats(mean, std))
 
 
 # ----------------------------------------------------------------- Adam
@@ -566,13 +562,10 @@ class Adam:
 
     def load_state_dict(self, state: Mapping) -> None:
         st = _core.adam_state(self._handle)
-        for key in ("exp_avg", "exp_avg_sq"):
-            arr = np.asarray(state[key], dtype=np.float32)
-            if arr.shape != st[key].shape:
-                raise ValueError(f"state[{key!r}]: expected shape {st[key].shape}, got {arr.shape}")
+        state = _check_adam_state(state, st["exp_avg"].size)   # all checked before any copy
         st["exp_avg"][...] = state["exp_avg"]
         st["exp_avg_sq"][...] = state["exp_avg_sq"]
-        _core.adam_set(self._handle, int(state["step"]), float(state["lr"]))
+        _core.adam_set(self._handle, state["step"], state["lr"])
 
 
 # ----------------------------------------------------------------- Trainer
@@ -610,3 +603,135 @@ def _embed(net: Sequential, x: np.ndarray, batch_size: int) -> np.ndarray:
     if len(x) == 0:
         return np.zeros((0, net.output_dim), np.float32)
     return np.concatenate([net.forward(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
+
+
+# ----------------------------------------------------------------- saved state
+# Checks for values that come from a file (checkpoint.load, load_state_dict):
+# the same validators the constructors use, plus what float32 C memory can hold.
+
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+_MAX_STEP = 1 << 53   # Adam's step count: a C int64, and exact in JSON
+
+
+def _check_float32_array(name: str, value) -> np.ndarray:
+    """A finite float array whose values fit float32: a float64 1e39 would be
+    stored as inf."""
+    arr = np.asarray(value)
+    if not np.issubdtype(arr.dtype, np.floating):
+        raise TypeError(f"{name}: expected a float array, got dtype {arr.dtype}")
+    if not np.all(np.isfinite(arr)):
+        raise ValueError(f"{name} contains NaN or inf")
+    if arr.size and arr.dtype.itemsize > 4:   # float32 and float16 always fit
+        largest = max(float(arr.max()), -float(arr.min()))
+        if largest > _FLOAT32_MAX:
+            raise ValueError(f"{name}: values up to {largest:.3g} in magnitude overflow float32 "
+                             f"(largest {_FLOAT32_MAX:.3g})")
+    return arr
+
+
+def _check_running_stats(mean, std) -> tuple[float, float]:
+    """AdaFace's running mean and std of the feature norm, as float32 can hold them."""
+    return (_check_float("running_mean", mean, -_FLOAT32_MAX, _FLOAT32_MAX),
+            _check_float("running_std", std, 0.0, _FLOAT32_MAX))
+
+
+def _check_adam_state(state: Mapping, size: int) -> dict:
+    """A saved Adam state {step, lr, exp_avg, exp_avg_sq} for `size` parameters:
+    lr as Adam() checks it, step a non-negative int, the moments finite float32
+    of that size and exp_avg_sq (a mean of squares) non-negative."""
+    step = _check_int("step", state["step"], 0, _MAX_STEP)
+    lr = Adam([], lr=state["lr"]).lr   # the constructor's own check of lr
+    moments = {}
+    for key in ("exp_avg", "exp_avg_sq"):
+        arr = _check_float32_array(key, state[key])
+        if arr.shape != (size,):
+            raise ValueError(f"{key}: expected shape ({size},), got {arr.shape}")
+        moments[key] = arr
+    if np.any(moments["exp_avg_sq"] < 0):
+        raise ValueError("exp_avg_sq: expected values >= 0 (a running mean of squared "
+                         "gradients), found negative ones")
+    return {"step": step, "lr": lr, **moments}
+
+
+# ----------------------------------------------------------------- pickling
+# A handle holds C memory (a PyCapsule), which pickle cannot copy. As torch
+# modules do, handles pickle as what rebuilds them: layer specs and settings,
+# then the state (weights, gradients, Adam moments, running statistics).
+
+def _layer_from_spec(spec: Sequence[int]) -> Layer:
+    kind, a, b, c, d = spec
+    rng = np.random.default_rng(0)   # the weights are overwritten; the global generator is untouched
+    if kind == _CONV:
+        return Conv2d(a, b, kernel_size=c, padding=d, rng=rng)
+    if kind == _LINEAR:
+        return Linear(a, b, rng=rng)
+    return {_RELU: ReLU, _POOL: MaxPool2d, _FLATTEN: Flatten, _L2NORM: L2Normalize}[kind]()
+
+
+def _rebuild_sequential(specs: list, input_shape: tuple, state: dict,
+                        grads: np.ndarray) -> Sequential:
+    net = Sequential([_layer_from_spec(spec) for spec in specs], input_shape)
+    net.load_state_dict(state)
+    net._grad_arena[...] = grads
+    return net
+
+
+def _reduce_sequential(net: Sequential):
+    return (_rebuild_sequential, ([layer.spec() for layer in net.layers], net.input_shape,
+                                  net.state_dict(), net._grad_arena.copy()))
+
+
+def _rebuild_head(cls: type, config: dict, weight: np.ndarray, weight_grad: np.ndarray,
+                  training: bool, stats: tuple | None) -> _Head:
+    head = cls.__new__(cls)
+    _Head.__init__(head, **config, rng=np.random.default_rng(0))
+    head.weight = weight
+    head.weight_grad[...] = weight_grad
+    head.training = training
+    if stats is not None:
+        head.set_running_stats(*stats)
+    return head
+
+
+def _reduce_head(head: _Head):
+    config = {"num_classes": head.num_classes, "embedding_dim": head.embedding_dim, "s": head.s,
+              "m": head.m, "h": head.h, "t_alpha": head.t_alpha, "variant": head.variant}
+    stats = (head.running_mean, head.running_std) if isinstance(head, AdaFace) else None
+    return (_rebuild_head, (type(head), config, head.weight.copy(), head.weight_grad.copy(),
+                            head.training, stats))
+
+
+def _reduce_adam(optimizer: Adam):
+    raise TypeError("Adam cannot be pickled or copied on its own: its parameters are views of a "
+                    "network's and head's memory. Pickle or copy.deepcopy the Trainer (network, "
+                    "head and optimizer together), or save with adaloss.checkpoint.save(path, "
+                    "net, head, optimizer) or Adam.state_dict()")
+
+
+def _rebuild_trainer(net: Sequential, head: _Head, index: list, hyper: dict,
+                     state: dict) -> Trainer:
+    owned = net.parameters() + head.parameters()
+    optimizer = Adam([owned[i] for i in index], **hyper)
+    optimizer.load_state_dict(state)
+    return Trainer(net, head, optimizer)
+
+
+def _reduce_trainer(trainer: Trainer):
+    owned = trainer.net.parameters() + trainer.head.parameters()
+    index = []
+    for p in trainer.optimizer.params:
+        found = [i for i, q in enumerate(owned) if q is p]
+        if not found:
+            raise TypeError(f"Trainer: optimizer parameter {p.name!r} belongs to neither the "
+                            "network nor the head, so a copy could not share it; save with "
+                            "adaloss.checkpoint.save instead")
+        index.append(found[0])
+    opt = trainer.optimizer
+    hyper = {"lr": opt.lr, "betas": opt.betas, "eps": opt.eps, "weight_decay": opt.weight_decay}
+    return (_rebuild_trainer, (trainer.net, trainer.head, index, hyper, opt.state_dict()))
+
+
+Sequential.__reduce__ = _reduce_sequential
+_Head.__reduce__ = _reduce_head
+Adam.__reduce__ = _reduce_adam
+Trainer.__reduce__ = _reduce_trainer

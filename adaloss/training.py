@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from . import _core, checkpoint
-from .nn import Sequential, Trainer, _embed, _Head
+from .nn import Sequential, Trainer, _check_int, _embed, _Head
 
 __all__ = ["History", "fit", "evaluate", "predict", "embed", "margin_stats", "save_training",
            "load_latest"]
@@ -130,13 +130,24 @@ def save_training(folder, trainer: Trainer, epoch: int, rng: np.random.Generator
                     epoch=epoch, rng=rng.bit_generator.state, history=history.to_dict())
 
 
+def _check_training_extra(extra: dict) -> None:
+    """What load_latest reads from `extra`, checked before the weights are copied."""
+    _check_int("epoch", extra["epoch"], 0, 1 << 31)
+    np.random.default_rng().bit_generator.state = extra["rng"]
+    if not isinstance(extra["history"], dict):
+        raise TypeError(f"history: expected a JSON object, got {type(extra['history']).__name__}")
+    History.from_dict(extra["history"])
+
+
 def load_latest(folder, trainer: Trainer) -> dict | None:
     """Restore ``folder/latest.ckpt`` into the trainer; {"epoch", "rng",
-    "history"} to resume from, or None when there is no checkpoint."""
+    "history"} to resume from, or None when there is no checkpoint. Epoch, RNG
+    state and history are checked before any weight is copied."""
     path = Path(folder) / checkpoint.LATEST
     if not path.exists():
         return None
-    extra = checkpoint.load(path, trainer.net, trainer.head, trainer.optimizer)
+    extra = checkpoint.load(path, trainer.net, trainer.head, trainer.optimizer,
+                            check_extra=_check_training_extra)
     rng = np.random.default_rng()
     rng.bit_generator.state = extra["rng"]
     return {"epoch": extra["epoch"], "rng": rng, "history": History.from_dict(extra["history"])}
