@@ -266,7 +266,7 @@ def test_checkpoint_latest_pointing_at_a_device_or_fifo_is_refused(tmp_path):
     os.mkfifo(tmp_path / "fifo" / checkpoint.LATEST)
     proc = run_child("""
         import adaloss
-        from adaloss import checkpoint
+        from adaloss import checkpoint, training
         net = adaloss.Sequential([adaloss.Linear(8, 4)])
         head = adaloss.Softmax(3, 4)
         trainer = adaloss.Trainer(net, head, adaloss.Adam(net.parameters()))
