@@ -14,11 +14,13 @@ import numpy as np
 
 from . import _core
 
-# kinds shared with csrc/adaloss.h
-_CONV, _RELU, _POOL, _FLATTEN, _LINEAR, _L2NORM = range(6)
-_HEAD_KINDS = {"Softmax": 0, "CosFace": 1, "ArcFace": 2, "AdaFace": 3}
-_VARIANTS = {"paper": 0, "report": 1}
-_RULES = {"plain": 0, "report": 1}
+# kinds shared with csrc/adaloss.h, as the extension exports them
+_CONV, _RELU, _POOL = _core.LAYER_CONV2D, _core.LAYER_RELU, _core.LAYER_MAXPOOL2D
+_FLATTEN, _LINEAR, _L2NORM = _core.LAYER_FLATTEN, _core.LAYER_LINEAR, _core.LAYER_L2NORM
+_HEAD_KINDS = {"Softmax": _core.HEAD_SOFTMAX, "CosFace": _core.HEAD_COSFACE,
+               "ArcFace": _core.HEAD_ARCFACE, "AdaFace": _core.HEAD_ADAFACE}
+_VARIANTS = {"paper": _core.VARIANT_PAPER, "report": _core.VARIANT_REPORT}
+_RULES = {"plain": _core.RULE_PLAIN, "report": _core.RULE_REPORT}
 
 _rng = np.random.default_rng()
 

@@ -1,8 +1,10 @@
 /* _core.c: the CPython/NumPy wrapper of the adaloss C core (adaloss._core).
  *
- * Every function: parse, convert, check dtype, shape and contiguity with a
- * message naming the argument, expected and actual; release the GIL around
- * the core call; one `fail:` label. C objects live in capsules wrapping a
+ * Every function: parse, convert, check type, dtype, shape and contiguity with
+ * a message naming the argument, expected and actual; release the GIL around
+ * the core call; one `fail:` label. Ranges (batch sizes, label values,
+ * hyper-parameters) are the core's to check: its ada_error message becomes
+ * the exception's (see the error contract in adaloss.h). C objects live in capsules wrapping a
  * small holder that marks the object busy while the GIL is released, so two
  * Python threads cannot run the same object at once. */
 #define PY_SSIZE_T_CLEAN
@@ -10,6 +12,7 @@
 #define NPY_NO_DEPRECATED_API NPY_1_7_API_VERSION
 #include <numpy/arrayobject.h>
 
+#include <limits.h>
 #include <string.h>
 
 #include "adaloss.h"
@@ -129,18 +132,8 @@ static PyArrayObject *as_input(PyObject *obj, const char *name, int allow_u8, in
     return out;
 }
 
-static int check_finite(PyArrayObject *a, const char *name)
-{
-    int ok;
-    Py_BEGIN_ALLOW_THREADS
-    ok = ada_all_finite(PyArray_DATA(a), (size_t)PyArray_SIZE(a));
-    Py_END_ALLOW_THREADS
-    if (!ok) PyErr_Format(PyExc_ValueError, "%s contains NaN or inf", name);
-    return ok;
-}
-
-/* labels as int64 (N,) with values in [0, num_classes). New reference or NULL. */
-static PyArrayObject *as_labels(PyObject *obj, npy_intp N, int num_classes)
+/* labels as int64 (N,); the core checks their values. New reference or NULL. */
+static PyArrayObject *as_labels(PyObject *obj, npy_intp N)
 {
     PyArrayObject *arr = (PyArrayObject *)PyArray_FROM_O(obj), *out = NULL;
     char shape[96];
@@ -164,15 +157,6 @@ static PyArrayObject *as_labels(PyObject *obj, npy_intp N, int num_classes)
                                            1, 1, NPY_ARRAY_C_CONTIGUOUS | NPY_ARRAY_ALIGNED |
                                            NPY_ARRAY_FORCECAST, NULL);
     if (!out) goto fail;
-    const int64_t *lab = PyArray_DATA(out);
-    for (npy_intp i = 0; i < N; i++)
-        if (lab[i] < 0 || lab[i] >= num_classes) {
-            PyErr_Format(PyExc_ValueError,
-                         "labels: expected values in [0, %d) (num_classes), got %lld at index %lld",
-                         num_classes, (long long)lab[i], (long long)i);
-            Py_CLEAR(out);
-            goto fail;
-        }
     Py_DECREF(arr);
     return out;
 fail:
@@ -192,15 +176,27 @@ static PyObject *view(float *data, npy_intp count, PyObject *base, int writeable
     return arr;
 }
 
-static PyObject *raise_status(ada_status st, const char *msg)
+static PyObject *raise_status(ada_status st, const ada_error *err)
 {
+    const char *msg = err->msg[0] ? err->msg : "the C core failed without a message";
     switch (st) {
-    case ADA_ENOMEM: PyErr_Format(PyExc_MemoryError, "%s", msg); break;
-    case ADA_ENONFINITE: PyErr_Format(NonFiniteError, "%s", msg); break;
-    case ADA_ESTATE: PyErr_Format(PyExc_RuntimeError, "%s", msg); break;
-    default: PyErr_Format(PyExc_ValueError, "%s", msg); break;
+    case ADA_ENOMEM: PyErr_SetString(PyExc_MemoryError, msg); break;
+    case ADA_ENONFINITE: PyErr_SetString(NonFiniteError, msg); break;
+    case ADA_ESTATE: PyErr_SetString(PyExc_RuntimeError, msg); break;
+    default: PyErr_SetString(PyExc_ValueError, msg); break;
     }
     return NULL;
+}
+
+/* the batch dimension as the core's int: a conversion, the core checks the range */
+static int fits_int(PyArrayObject *a, const char *name)
+{
+    if (PyArray_NDIM(a) > 0 && PyArray_DIM(a, 0) > INT_MAX) {
+        PyErr_Format(PyExc_ValueError, "%s: expected at most %d rows, got %lld", name, INT_MAX,
+                     (long long)PyArray_DIM(a, 0));
+        return 0;
+    }
+    return 1;
 }
 
 /* x must be (N, C, H, W) for an image net, (N, D) for a flat one */
@@ -221,12 +217,7 @@ static int check_input_shape(PyArrayObject *x, const ada_net *net, const char *n
         PyErr_Format(PyExc_ValueError, "%s: expected shape %s, got %s", name, want, got);
         return 0;
     }
-    if (PyArray_DIM(x, 0) > (1 << 24)) {
-        PyErr_Format(PyExc_ValueError, "%s: a batch of at most %d examples expected, got %lld",
-                     name, 1 << 24, (long long)PyArray_DIM(x, 0));
-        return 0;
-    }
-    return 1;
+    return fits_int(x, name);
 }
 
 /* ------------------------------------------------------------ threads */
@@ -234,12 +225,10 @@ static int check_input_shape(PyArrayObject *x, const ada_net *net, const char *n
 static PyObject *py_set_num_threads(PyObject *self, PyObject *args)
 {
     int n;
+    ada_error err = {""};
     if (!PyArg_ParseTuple(args, "i:set_num_threads", &n)) return NULL;
-    if (n < 1 || n > 1024) {
-        PyErr_Format(PyExc_ValueError, "num_threads: expected 1..1024, got %d", n);
-        return NULL;
-    }
-    ada_set_num_threads(n);
+    ada_status st = ada_set_num_threads(n, &err);
+    if (st != ADA_OK) return raise_status(st, &err);
     Py_RETURN_NONE;
 }
 
@@ -255,25 +244,38 @@ static PyObject *py_net_create(PyObject *self, PyObject *args)
     PyObject *specs_obj, *seq = NULL, *result = NULL;
     int in_c, in_h, in_w;
     ada_layer_spec *specs = NULL;
-    char err[ADA_ERRLEN] = "";
+    ada_error err = {""};
+    ada_net *net = NULL;
     if (!PyArg_ParseTuple(args, "O(iii):net_create", &specs_obj, &in_c, &in_h, &in_w)) return NULL;
     seq = PySequence_Fast(specs_obj, "layers: expected a sequence of (kind, a, b, c, d)");
     if (!seq) return NULL;
     Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
-    if (n < 1 || n > 10000) {
-        PyErr_Format(PyExc_ValueError, "layers: expected 1 to 10000 layers, got %zd", n);
+    if (n > INT_MAX) {
+        PyErr_Format(PyExc_ValueError, "layers: expected at most %d layers, got %zd", INT_MAX, n);
         goto fail;
     }
-    specs = PyMem_Calloc((size_t)n, sizeof(ada_layer_spec));
+    specs = PyMem_Calloc((size_t)n + 1, sizeof(ada_layer_spec));
     if (!specs) { PyErr_NoMemory(); goto fail; }
     for (Py_ssize_t i = 0; i < n; i++) {
+        /* (kind, a, b, c, d): Conv2d (in_channels, out_channels, kernel_size,
+         * padding), Linear (in_features, out_features, 0, 0), others zeros */
         ada_layer_spec *sp = &specs[i];
-        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "iiiii", &sp->kind, &sp->a,
-                              &sp->b, &sp->c, &sp->d))
+        int a, b, c, d;
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "iiiii", &sp->kind, &a, &b, &c,
+                              &d))
             goto fail;
+        if (sp->kind == ADA_LAYER_LINEAR) {
+            sp->linear.in_features = a;
+            sp->linear.out_features = b;
+        } else {
+            sp->conv2d.in_channels = a;
+            sp->conv2d.out_channels = b;
+            sp->conv2d.kernel_size = c;
+            sp->conv2d.padding = d;
+        }
     }
-    ada_net *net = ada_net_create(specs, (int)n, in_c, in_h, in_w, err, sizeof err);
-    if (!net) { PyErr_Format(PyExc_ValueError, "%s", err[0] ? err : "cannot build the network"); goto fail; }
+    ada_status st = ada_net_create(&net, specs, (int)n, in_c, in_h, in_w, &err);
+    if (st != ADA_OK) { raise_status(st, &err); goto fail; }
     result = holder_new(net, HOLD_NET, NULL);
     if (!result) ada_net_free(net);
 fail:
@@ -338,20 +340,20 @@ static PyObject *py_net_forward(PyObject *self, PyObject *args)
     int is_u8 = 0;
     x = as_input(x_obj, "x", 1, &is_u8);
     if (!x || !check_input_shape(x, net, "x", flat)) goto fail;
-    if (!is_u8 && !check_finite(x, "x")) goto fail;
     int N = (int)PyArray_DIM(x, 0);
     npy_intp dims[2] = { N, (npy_intp)net->out_size };
     out = PyArray_SimpleNew(2, dims, NPY_FLOAT32);
-    if (!out || N == 0) goto done;
+    if (!out || N == 0) goto done;   /* an empty batch embeds to an empty array */
     ada_status st;
+    ada_error err = {""};
     const float *y = NULL;
     Py_BEGIN_ALLOW_THREADS
     st = ada_net_forward(net, &y, is_u8 ? NULL : PyArray_DATA(x),
-                         is_u8 ? PyArray_DATA(x) : NULL, N);
+                         is_u8 ? PyArray_DATA(x) : NULL, N, &err);
     if (st == ADA_OK)
         memcpy(PyArray_DATA((PyArrayObject *)out), y, sizeof(float) * (size_t)N * net->out_size);
     Py_END_ALLOW_THREADS
-    if (st != ADA_OK) { raise_status(st, net->err); goto fail; }
+    if (st != ADA_OK) { raise_status(st, &err); goto fail; }
 done:
     Py_DECREF(x);
     release(hd);
@@ -375,25 +377,25 @@ static PyObject *py_net_backward(PyObject *self, PyObject *args)
     ada_net *net = hd->obj;
     dout = as_input(d_obj, "d_emb", 0, NULL);
     if (!dout) goto fail;
-    if (PyArray_NDIM(dout) != 2 || PyArray_DIM(dout, 1) != (npy_intp)net->out_size ||
-        PyArray_DIM(dout, 0) < 1 || PyArray_DIM(dout, 0) > net->capacity) {
+    if (PyArray_NDIM(dout) != 2 || PyArray_DIM(dout, 1) != (npy_intp)net->out_size) {
         shape_str(got, sizeof got, dout);
         PyErr_Format(PyExc_ValueError,
                      "d_emb: expected shape (N, %zu) with N the batch of the last forward, got %s",
                      net->out_size, got);
         goto fail;
     }
-    if (!check_finite(dout, "d_emb")) goto fail;
+    if (!fits_int(dout, "d_emb")) goto fail;
     int N = (int)PyArray_DIM(dout, 0);
     npy_intp dims4[4] = { N, net->in_c, net->in_h, net->in_w };
     npy_intp dims2[2] = { N, (npy_intp)net->in_size };
     out = flat ? PyArray_SimpleNew(2, dims2, NPY_FLOAT32) : PyArray_SimpleNew(4, dims4, NPY_FLOAT32);
     if (!out) goto fail;
     ada_status st;
+    ada_error err = {""};
     Py_BEGIN_ALLOW_THREADS
-    st = ada_net_backward(net, PyArray_DATA((PyArrayObject *)out), PyArray_DATA(dout), N);
+    st = ada_net_backward(net, PyArray_DATA((PyArrayObject *)out), PyArray_DATA(dout), N, &err);
     Py_END_ALLOW_THREADS
-    if (st != ADA_OK) { raise_status(st, net->err); goto fail; }
+    if (st != ADA_OK) { raise_status(st, &err); goto fail; }
     Py_DECREF(dout);
     release(hd);
     return out;
@@ -413,16 +415,10 @@ static PyObject *py_head_create(PyObject *self, PyObject *args)
     if (!PyArg_ParseTuple(args, "iiiiffff:head_create", &kind, &variant, &C, &D, &s, &m, &h,
                           &t_alpha))
         return NULL;
-    if (C < 1 || C > (1 << 24))
-        return PyErr_Format(PyExc_ValueError, "num_classes: expected 1..%d, got %d", 1 << 24, C);
-    if (D < 1 || D > (1 << 24))
-        return PyErr_Format(PyExc_ValueError, "embedding_dim: expected 1..%d, got %d", 1 << 24, D);
-    if ((double)C * D > (double)(1 << 28))
-        return PyErr_Format(PyExc_ValueError,
-                            "num_classes * embedding_dim: expected at most %d weights, got %.0f",
-                            1 << 28, (double)C * D);
-    ada_head *head = ada_head_create(kind, variant, C, D, s, m, h, t_alpha);
-    if (!head) return PyErr_NoMemory();
+    ada_head *head = NULL;
+    ada_error err = {""};
+    ada_status st = ada_head_create(&head, kind, variant, C, D, s, m, h, t_alpha, &err);
+    if (st != ADA_OK) return raise_status(st, &err);
     PyObject *cap = holder_new(head, HOLD_HEAD, NULL);
     if (!cap) ada_head_free(head);
     return cap;
@@ -447,15 +443,14 @@ static PyArrayObject *as_embedding(PyObject *obj, const ada_head *head)
     char got[96];
     PyArrayObject *e = as_input(obj, "emb", 0, NULL);
     if (!e) return NULL;
-    if (PyArray_NDIM(e) != 2 || PyArray_DIM(e, 1) != head->embedding_dim ||
-        PyArray_DIM(e, 0) > (1 << 24)) {
+    if (PyArray_NDIM(e) != 2 || PyArray_DIM(e, 1) != head->embedding_dim) {
         shape_str(got, sizeof got, e);
         PyErr_Format(PyExc_ValueError, "emb: expected shape (N, %d) (embedding_dim), got %s",
                      head->embedding_dim, got);
         Py_DECREF(e);
         return NULL;
     }
-    if (!check_finite(e, "emb")) { Py_DECREF(e); return NULL; }
+    if (!fits_int(e, "emb")) { Py_DECREF(e); return NULL; }
     return e;
 }
 
@@ -470,19 +465,16 @@ static PyObject *py_head_forward(PyObject *self, PyObject *args)
     ada_head *head = hd->obj;
     float loss = 0.0f;
     ada_status st;
+    ada_error err = {""};
     e = as_embedding(e_obj, head);
     if (!e) goto fail;
-    if (PyArray_DIM(e, 0) < 1) {
-        PyErr_SetString(PyExc_ValueError, "emb: expected a batch of at least 1 example, got 0");
-        goto fail;
-    }
-    lab = as_labels(l_obj, PyArray_DIM(e, 0), head->num_classes);
+    lab = as_labels(l_obj, PyArray_DIM(e, 0));
     if (!lab) goto fail;
     Py_BEGIN_ALLOW_THREADS
     st = ada_head_forward(head, &loss, PyArray_DATA(e), PyArray_DATA(lab),
-                          (int)PyArray_DIM(e, 0), training);
+                          (int)PyArray_DIM(e, 0), training, &err);
     Py_END_ALLOW_THREADS
-    if (st != ADA_OK) { raise_status(st, head->err); goto fail; }
+    if (st != ADA_OK) { raise_status(st, &err); goto fail; }
     Py_DECREF(e); Py_DECREF(lab);
     release(hd);
     return PyFloat_FromDouble(loss);
@@ -500,18 +492,15 @@ static PyObject *py_head_backward(PyObject *self, PyObject *args)
     holder *hd = acquire(cap, HOLD_HEAD, "head");
     if (!hd) return NULL;
     ada_head *head = hd->obj;
-    if (!head->has_forward) {
-        PyErr_SetString(PyExc_RuntimeError, "backward() needs a forward(emb, labels) first");
-        goto fail;
-    }
-    npy_intp dims[2] = { head->cached_n, head->embedding_dim };
+    npy_intp dims[2] = { head->has_forward ? head->cached_n : 0, head->embedding_dim };
     out = PyArray_SimpleNew(2, dims, NPY_FLOAT32);
     if (!out) goto fail;
     ada_status st;
+    ada_error err = {""};
     Py_BEGIN_ALLOW_THREADS
-    st = ada_head_backward(head, PyArray_DATA((PyArrayObject *)out), accumulate);
+    st = ada_head_backward(head, PyArray_DATA((PyArrayObject *)out), accumulate, &err);
     Py_END_ALLOW_THREADS
-    if (st != ADA_OK) { raise_status(st, head->err); goto fail; }
+    if (st != ADA_OK) { raise_status(st, &err); goto fail; }
     release(hd);
     return out;
 fail:
@@ -532,7 +521,7 @@ static PyObject *py_head_logits(PyObject *self, PyObject *args)
     e = as_embedding(e_obj, head);
     if (!e) goto fail;
     if (l_obj != Py_None) {
-        lab = as_labels(l_obj, PyArray_DIM(e, 0), head->num_classes);
+        lab = as_labels(l_obj, PyArray_DIM(e, 0));
         if (!lab) goto fail;
     }
     int N = (int)PyArray_DIM(e, 0);
@@ -540,11 +529,12 @@ static PyObject *py_head_logits(PyObject *self, PyObject *args)
     out = PyArray_SimpleNew(2, dims, NPY_FLOAT32);
     if (!out) goto fail;
     ada_status st;
+    ada_error err = {""};
     Py_BEGIN_ALLOW_THREADS
     st = ada_head_logits(head, PyArray_DATA((PyArrayObject *)out), PyArray_DATA(e),
-                         lab ? PyArray_DATA(lab) : NULL, N, rule);
+                         lab ? PyArray_DATA(lab) : NULL, N, rule, &err);
     Py_END_ALLOW_THREADS
-    if (st != ADA_OK) { raise_status(st, head->err); goto fail; }
+    if (st != ADA_OK) { raise_status(st, &err); goto fail; }
     Py_DECREF(e); Py_XDECREF(lab);
     release(hd);
     return out;
@@ -583,10 +573,10 @@ static PyObject *py_head_set_stats(PyObject *self, PyObject *args)
     if (!PyArg_ParseTuple(args, "Off:head_set_stats", &cap, &mean, &std)) return NULL;
     holder *hd = acquire(cap, HOLD_HEAD, "head");
     if (!hd) return NULL;
-    ada_head *head = hd->obj;
-    head->running_mean = mean;
-    head->running_std = std;
+    ada_error err = {""};
+    ada_status st = ada_head_set_running_stats(hd->obj, mean, std, &err);
     release(hd);
+    if (st != ADA_OK) return raise_status(st, &err);
     Py_RETURN_NONE;
 }
 
@@ -631,8 +621,15 @@ static PyObject *py_adam_create(PyObject *self, PyObject *args)
         grads[i] = PyArray_DATA((PyArrayObject *)pg);
         sizes[i] = (size_t)PyArray_SIZE((PyArrayObject *)pd);
     }
-    ada_adam *adam = ada_adam_create((int)n, params, grads, sizes, lr, b1, b2, eps, wd);
-    if (!adam) { PyErr_NoMemory(); goto fail; }
+    if (n > INT_MAX) {
+        PyErr_Format(PyExc_ValueError, "params: expected at most %d arrays, got %zd", INT_MAX, n);
+        goto fail;
+    }
+    ada_adam *adam = NULL;
+    ada_error err = {""};
+    ada_status st = ada_adam_create(&adam, (int)n, params, grads, sizes, lr, b1, b2, eps, wd,
+                                    &err);
+    if (st != ADA_OK) { raise_status(st, &err); goto fail; }
     cap = holder_new(adam, HOLD_ADAM, refs);
     if (!cap) ada_adam_free(adam);
 fail:
@@ -689,13 +686,12 @@ static PyObject *py_adam_set(PyObject *self, PyObject *args)
     long long step;
     float lr;
     if (!PyArg_ParseTuple(args, "OLf:adam_set", &cap, &step, &lr)) return NULL;
-    if (step < 0) return PyErr_Format(PyExc_ValueError, "step: expected >= 0, got %lld", step);
     holder *hd = acquire(cap, HOLD_ADAM, "optimizer");
     if (!hd) return NULL;
-    ada_adam *adam = hd->obj;
-    adam->step = step;
-    adam->lr = lr;
+    ada_error err = {""};
+    ada_status st = ada_adam_set(hd->obj, (int64_t)step, lr, &err);
     release(hd);
+    if (st != ADA_OK) return raise_status(st, &err);
     Py_RETURN_NONE;
 }
 
@@ -715,30 +711,19 @@ static PyObject *py_train_step(PyObject *self, PyObject *args)
     if (!(hh = acquire(hcap, HOLD_HEAD, "head"))) goto fail;
     if (!(ha = acquire(acap, HOLD_ADAM, "optimizer"))) goto fail;
     ada_net *net = hn->obj;
-    ada_head *head = hh->obj;
-    if ((size_t)head->embedding_dim != net->out_size) {
-        PyErr_Format(PyExc_ValueError,
-                     "head: embedding_dim %d differs from the network's output size %zu",
-                     head->embedding_dim, net->out_size);
-        goto fail;
-    }
     int is_u8 = 0;
     x = as_input(x_obj, "x", 1, &is_u8);
     if (!x || !check_input_shape(x, net, "x", flat)) goto fail;
-    if (PyArray_DIM(x, 0) < 1) {
-        PyErr_SetString(PyExc_ValueError, "x: expected a batch of at least 1 example, got 0");
-        goto fail;
-    }
-    if (!is_u8 && !check_finite(x, "x")) goto fail;
-    lab = as_labels(l_obj, PyArray_DIM(x, 0), head->num_classes);
+    lab = as_labels(l_obj, PyArray_DIM(x, 0));
     if (!lab) goto fail;
     ada_status st;
+    ada_error err = {""};
     Py_BEGIN_ALLOW_THREADS
-    st = ada_train_step(net, head, ha->obj, &loss, is_u8 ? NULL : PyArray_DATA(x),
+    st = ada_train_step(net, hh->obj, ha->obj, &loss, is_u8 ? NULL : PyArray_DATA(x),
                         is_u8 ? PyArray_DATA(x) : NULL, PyArray_DATA(lab),
-                        (int)PyArray_DIM(x, 0), head_trained);
+                        (int)PyArray_DIM(x, 0), head_trained, &err);
     Py_END_ALLOW_THREADS
-    if (st != ADA_OK) { raise_status(st, net->err); goto fail; }
+    if (st != ADA_OK) { raise_status(st, &err); goto fail; }
     Py_DECREF(x); Py_DECREF(lab);
     release(hn); release(hh); release(ha);
     return PyFloat_FromDouble(loss);
@@ -828,6 +813,24 @@ PyMODINIT_FUNC PyInit__core(void)
         Py_DECREF(mod);
         return NULL;
     }
+    /* the enums of adaloss.h, so Python never copies their values */
+    static const struct { const char *name; int value; } constants[] = {
+        {"OK", ADA_OK}, {"ENOMEM", ADA_ENOMEM}, {"EINVAL", ADA_EINVAL},
+        {"ENONFINITE", ADA_ENONFINITE}, {"ESTATE", ADA_ESTATE},
+        {"HEAD_SOFTMAX", ADA_HEAD_SOFTMAX}, {"HEAD_COSFACE", ADA_HEAD_COSFACE},
+        {"HEAD_ARCFACE", ADA_HEAD_ARCFACE}, {"HEAD_ADAFACE", ADA_HEAD_ADAFACE},
+        {"VARIANT_PAPER", ADA_VARIANT_PAPER}, {"VARIANT_REPORT", ADA_VARIANT_REPORT},
+        {"RULE_PLAIN", ADA_RULE_PLAIN}, {"RULE_REPORT", ADA_RULE_REPORT},
+        {"LAYER_CONV2D", ADA_LAYER_CONV2D}, {"LAYER_RELU", ADA_LAYER_RELU},
+        {"LAYER_MAXPOOL2D", ADA_LAYER_MAXPOOL2D}, {"LAYER_FLATTEN", ADA_LAYER_FLATTEN},
+        {"LAYER_LINEAR", ADA_LAYER_LINEAR}, {"LAYER_L2NORM", ADA_LAYER_L2NORM},
+        {"MAX_THREADS", ADA_MAX_THREADS}, {"MAX_BATCH", ADA_MAX_BATCH},
+    };
+    for (size_t i = 0; i < sizeof constants / sizeof constants[0]; i++)
+        if (PyModule_AddIntConstant(mod, constants[i].name, constants[i].value) < 0) {
+            Py_DECREF(mod);
+            return NULL;
+        }
     ada_get_num_threads();   /* sets OpenBLAS to one thread before any call */
     return mod;
 }

@@ -2,8 +2,6 @@
  *
  * Conventions (see STYLE.md):
  *   - every symbol starts with ada_; nothing here prints, exits or includes Python;
- *   - functions that can fail return an ada_status; the wrapper turns it into
- *     a Python exception;
  *   - arrays are float32, C-contiguous, NCHW; weight layouts follow PyTorch
  *     (Conv2d weight (out, in, k, k), Linear weight (out, in));
  *   - kernel arguments: outputs first, then caches, then inputs, then
@@ -13,6 +11,27 @@
  *     Whoever owns the parameter gradients zeroes them: the network's
  *     ada_net_zero_grad, the head's ada_head_zero_grad, ada_adam_zero_grad,
  *     or the training step, which zeroes everything it accumulates into.
+ *
+ * Error contract:
+ *   - every entry point that can fail returns an ada_status and takes, as its
+ *     last argument, an ada_error the CALLER owns (it may be NULL: the
+ *     message is then dropped). On failure err->msg names the argument and
+ *     what was expected (the range, or the order of calls) and what it got;
+ *     on success err is left untouched. Constructors return the new object
+ *     through their first argument and set it to NULL on failure; no
+ *     function returns a bare NULL for an error.
+ *   - every argument is validated before any state changes: a call that
+ *     fails with ADA_EINVAL or ADA_ESTATE leaves the objects exactly as they
+ *     were (weights, Adam moments and step, AdaFace running statistics).
+ *     ADA_ENONFINITE from ada_train_step also leaves them unchanged (the
+ *     gradients it zeroed and recomputed are scratch). ADA_ENOMEM leaves the
+ *     object usable with its previous capacity.
+ *   - range checks (batch sizes, label values, hyper-parameters, thread
+ *     counts, layer sizes) live here, once; the Python wrapper checks only
+ *     types, dtypes, shapes and contiguity and passes err->msg on as the
+ *     exception message.
+ *   - kernels (ada_<op>_forward / _backward, ada_sgemm*) cannot fail: their
+ *     callers have validated the sizes.
  */
 #ifndef ADALOSS_H
 #define ADALOSS_H
@@ -27,15 +46,33 @@ extern "C" {
 typedef enum {
     ADA_OK = 0,
     ADA_ENOMEM = 1,       /* an allocation failed */
-    ADA_EINVAL = 2,       /* an argument is out of range (message in the object) */
+    ADA_EINVAL = 2,       /* an argument is out of range */
     ADA_ENONFINITE = 3,   /* a loss or gradient was NaN or inf; nothing was updated */
     ADA_ESTATE = 4        /* called in the wrong order (e.g. backward before forward) */
 } ada_status;
 
 #define ADA_ERRLEN 256
+/* the caller-owned error message of a failed call */
+typedef struct { char msg[ADA_ERRLEN]; } ada_error;
+
+/* err->msg = the printf-formatted message (when err is not NULL); returns
+ * status, so a check reads `return ada_fail(err, ADA_EINVAL, "...", ...)` */
+ada_status ada_fail(ada_error *err, ada_status status, const char *format, ...)
+#if defined(__GNUC__)
+    __attribute__((format(printf, 3, 4)))
+#endif
+    ;
+
+/* limits the range checks enforce */
+#define ADA_MAX_BATCH (1 << 24)      /* examples per call */
+#define ADA_MAX_DIM (1 << 24)        /* num_classes, embedding_dim */
+#define ADA_MAX_HEAD_WEIGHTS (1 << 28) /* num_classes * embedding_dim */
+#define ADA_MAX_LAYERS 10000
 
 /* ---------------------------------------------------------------- threads */
-void ada_set_num_threads(int num_threads);   /* OpenMP threads for our loops */
+#define ADA_MAX_THREADS 1024
+/* OpenMP threads for our loops, 1..ADA_MAX_THREADS */
+ada_status ada_set_num_threads(int num_threads, ada_error *err);
 int ada_get_num_threads(void);
 
 /* ------------------------------------------------------------------ gemm */
@@ -140,25 +177,40 @@ typedef struct ada_head {
     float *dcosine;     /* (cap, C) d loss / d cosine, filled by forward */
     float *quality;     /* (cap) AdaFace q of the last forward */
     float *target_angle;/* (cap) theta_y of the last forward */
-    char err[ADA_ERRLEN];
 } ada_head;
 
-ada_head *ada_head_create(int kind, int variant, int num_classes, int embedding_dim,
-                          float s, float m, float h, float t_alpha);
+/* kind and variant as the enums above; 1 <= num_classes, embedding_dim <=
+ * ADA_MAX_DIM with at most ADA_MAX_HEAD_WEIGHTS weights; finite s in (0, 1e4]
+ * (ignored by softmax), m in [0, pi], h in [0, 1e3], t_alpha in [0, 1]. */
+ada_status ada_head_create(ada_head **head, int kind, int variant, int num_classes,
+                           int embedding_dim, float s, float m, float h, float t_alpha,
+                           ada_error *err);
 void ada_head_free(ada_head *head);
-ada_status ada_head_reserve(ada_head *head, int N);
+/* caches for batches of up to N examples */
+ada_status ada_head_reserve(ada_head *head, int N, ada_error *err);
 void ada_head_zero_grad(ada_head *head);
-/* mean cross-entropy over the batch; caches what backward needs. `training`
- * updates the AdaFace running statistics. */
+/* AdaFace running statistics: finite mean, finite std >= 0 */
+ada_status ada_head_set_running_stats(ada_head *head, float mean, float std, ada_error *err);
+/* 0 when every label is in [0, num_classes), else ADA_EINVAL naming the first
+ * bad one */
+ada_status ada_head_check_labels(const ada_head *head, const int64_t *labels, int N,
+                                 ada_error *err);
+/* mean cross-entropy over the batch of N (1..ADA_MAX_BATCH) finite
+ * embeddings; caches what backward needs. `training` updates the AdaFace
+ * running statistics. */
 ada_status ada_head_forward(ada_head *head, float *loss, const float *emb,
-                            const int64_t *labels, int N, int training);
-/* demb (N, D) overwritten; weight_grad accumulated when accumulate_weight. */
-ada_status ada_head_backward(ada_head *head, float *demb, int accumulate_weight);
-/* scores used for prediction (N, C). rule PLAIN: margin-free; REPORT: the
- * report's own evaluation (ArcFace report: margin on labels[i], AdaFace
- * report: e . W^T with raw W). labels may be NULL for PLAIN. */
+                            const int64_t *labels, int N, int training, ada_error *err);
+/* demb (N, D) overwritten, N of the last forward; weight_grad accumulated
+ * when accumulate_weight. ADA_ESTATE without a forward since the last
+ * ada_head_logits or resize. */
+ada_status ada_head_backward(ada_head *head, float *demb, int accumulate_weight,
+                             ada_error *err);
+/* scores used for prediction (N, C), N in 0..ADA_MAX_BATCH. rule PLAIN:
+ * margin-free; REPORT: the report's own evaluation (ArcFace report: margin
+ * on labels[i], AdaFace report: e . W^T with raw W). labels may be NULL for
+ * PLAIN. */
 ada_status ada_head_logits(ada_head *head, float *logits, const float *emb,
-                           const int64_t *labels, int N, int rule);
+                           const int64_t *labels, int N, int rule, ada_error *err);
 
 /* ------------------------------------------------------------------ adam */
 typedef struct ada_adam {
@@ -170,10 +222,15 @@ typedef struct ada_adam {
     float lr, beta1, beta2, eps, weight_decay;
 } ada_adam;
 
-ada_adam *ada_adam_create(int num_segments, float *const *params, float *const *grads,
-                          const size_t *sizes, float lr, float beta1, float beta2,
-                          float eps, float weight_decay);
+/* Adam over num_segments >= 0 (param, grad) arrays of sizes[i] floats each:
+ * finite lr in [0, 1e3], beta1 and beta2 in [0, 1), eps in [0, 1],
+ * weight_decay in [0, 1e3]. */
+ada_status ada_adam_create(ada_adam **adam, int num_segments, float *const *params,
+                           float *const *grads, const size_t *sizes, float lr, float beta1,
+                           float beta2, float eps, float weight_decay, ada_error *err);
 void ada_adam_free(ada_adam *adam);
+/* restore a step count (>= 0) and a learning rate (as in ada_adam_create) */
+ada_status ada_adam_set(ada_adam *adam, int64_t step, float lr, ada_error *err);
 void ada_adam_step(ada_adam *adam);
 void ada_adam_zero_grad(ada_adam *adam);
 int ada_adam_grads_finite(const ada_adam *adam);
@@ -183,16 +240,21 @@ typedef enum { ADA_LAYER_CONV2D = 0, ADA_LAYER_RELU = 1, ADA_LAYER_MAXPOOL2D = 2
                ADA_LAYER_FLATTEN = 3, ADA_LAYER_LINEAR = 4,
                ADA_LAYER_L2NORM = 5 } ada_layer_kind;
 
-/* a layer spec: kind and up to four integers
- * conv2d (in_channels, out_channels, kernel_size, padding); linear (in, out) */
-typedef struct { int kind; int a, b, c, d; } ada_layer_spec;
+/* what a layer is; only the member of its kind is read */
+typedef struct {
+    int kind;                       /* ada_layer_kind */
+    union {
+        struct { int in_channels, out_channels, kernel_size, padding; } conv2d;
+        struct { int in_features, out_features; } linear;
+    };
+} ada_layer_spec;
 
 typedef struct ada_layer {
     int kind;
     int in_c, in_h, in_w, out_c, out_h, out_w;   /* flattened: (size, 1, 1) */
     int k, pad;
     int fused_relu;          /* conv/linear computed the next ReLU itself */
-    size_t in_size, out_size; /* per example */
+    size_t out_size;         /* per example */
     size_t weight_offset, bias_offset, weight_size, bias_size; /* in the param arena */
     float *out, *dout;       /* (cap, out_size) activations and their gradients */
     float *norms;            /* L2Normalize: (cap) */
@@ -208,31 +270,37 @@ typedef struct ada_net {
     int capacity, threads_planned;
     float *input;             /* (cap, in_size) float copy of the batch */
     float *workspace;         /* shared by conv layers */
-    size_t workspace_floats;
     void *act_arena;          /* activations, gradients, caches: one block */
-    int fuse;                 /* fold ReLU into the preceding conv/linear */
-    char err[ADA_ERRLEN];
 } ada_net;
 
-ada_net *ada_net_create(const ada_layer_spec *specs, int num_layers,
-                        int in_c, int in_h, int in_w, char *err, size_t errlen);
+/* num_layers in 1..ADA_MAX_LAYERS; input (in_c, in_h, in_w), all >= 1, or
+ * (in_c, 0, 0) for a flat input of in_c features. Every ReLU directly after
+ * a Conv2d or Linear is computed by that layer (fused_relu). */
+ada_status ada_net_create(ada_net **net, const ada_layer_spec *specs, int num_layers,
+                          int in_c, int in_h, int in_w, ada_error *err);
 void ada_net_free(ada_net *net);
-ada_status ada_net_reserve(ada_net *net, int N);
+/* activations for batches of up to N examples at the current thread count */
+ada_status ada_net_reserve(ada_net *net, int N, ada_error *err);
 void ada_net_zero_grad(ada_net *net);
-/* forward of N examples: x_float or x_u8 (exactly one non-NULL); returns a
- * pointer to the (N, out_size) output inside the net. */
+/* forward of N (1..ADA_MAX_BATCH) examples: x_float (finite) or x_u8,
+ * exactly one non-NULL; returns a pointer to the (N, out_size) output
+ * inside the net. */
 ada_status ada_net_forward(ada_net *net, const float **output, const float *x_float,
-                           const uint8_t *x_u8, int N);
-/* backward after a forward of N: dout (N, out_size); dinp may be NULL. */
-ada_status ada_net_backward(ada_net *net, float *dinp, const float *dout, int N);
+                           const uint8_t *x_u8, int N, ada_error *err);
+/* backward after a forward of N: dout (N, out_size) finite; dinp may be NULL. */
+ada_status ada_net_backward(ada_net *net, float *dinp, const float *dout, int N,
+                            ada_error *err);
 
 /* The whole training step: input conversion, forward, head loss, backward,
- * Adam; zeroes the net and head gradients first. If the loss or any gradient
- * Adam would apply is not finite, returns ADA_ENONFINITE and leaves weights
- * and Adam state unchanged. */
+ * Adam; zeroes the net and head gradients first. Every argument (sizes,
+ * batch, labels, finiteness of x_float) is checked before anything changes.
+ * If the loss or any gradient Adam would apply is not finite, returns
+ * ADA_ENONFINITE and leaves weights, Adam state and the AdaFace running
+ * statistics unchanged. */
 ada_status ada_train_step(ada_net *net, ada_head *head, ada_adam *adam, float *loss,
                           const float *x_float, const uint8_t *x_u8,
-                          const int64_t *labels, int N, int head_weight_trained);
+                          const int64_t *labels, int N, int head_weight_trained,
+                          ada_error *err);
 
 #ifdef __cplusplus
 }

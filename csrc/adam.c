@@ -7,18 +7,40 @@
 #include <stdlib.h>
 #include <string.h>
 
-ada_adam *ada_adam_create(int num_segments, float *const *params, float *const *grads,
-                          const size_t *sizes, float lr, float beta1, float beta2,
-                          float eps, float weight_decay)
+static ada_status check_lr(float lr, ada_error *err)
 {
-    if (num_segments < 0) return NULL;
+    if (!(isfinite(lr) && lr >= 0.0f && lr <= 1e3f))
+        return ada_fail(err, ADA_EINVAL, "lr: expected a finite number in [0, 1000], got %g",
+                        (double)lr);
+    return ADA_OK;
+}
+
+ada_status ada_adam_create(ada_adam **out, int num_segments, float *const *params,
+                           float *const *grads, const size_t *sizes, float lr, float beta1,
+                           float beta2, float eps, float weight_decay, ada_error *err)
+{
+    *out = NULL;
+    if (num_segments < 0)
+        return ada_fail(err, ADA_EINVAL, "params: expected 0 or more segments, got %d",
+                        num_segments);
+    ada_status st = check_lr(lr, err);
+    if (st != ADA_OK) return st;
+    if (!(beta1 >= 0.0f && beta1 < 1.0f) || !(beta2 >= 0.0f && beta2 < 1.0f))
+        return ada_fail(err, ADA_EINVAL, "betas: expected values in [0, 1), got (%g, %g)",
+                        (double)beta1, (double)beta2);
+    if (!(eps >= 0.0f && eps <= 1.0f))
+        return ada_fail(err, ADA_EINVAL, "eps: expected a finite number in [0, 1], got %g",
+                        (double)eps);
+    if (!(weight_decay >= 0.0f && weight_decay <= 1e3f))
+        return ada_fail(err, ADA_EINVAL, "weight_decay: expected a finite number in [0, 1000], "
+                        "got %g", (double)weight_decay);
     ada_adam *adam = calloc(1, sizeof(*adam));
-    if (!adam) return NULL;
+    if (!adam) return ada_fail(err, ADA_ENOMEM, "out of memory for the optimizer");
     adam->num_segments = num_segments;
     adam->params = calloc((size_t)num_segments + 1, sizeof(float *));
     adam->grads = calloc((size_t)num_segments + 1, sizeof(float *));
     adam->sizes = calloc((size_t)num_segments + 1, sizeof(size_t));
-    if (!adam->params || !adam->grads || !adam->sizes) { ada_adam_free(adam); return NULL; }
+    if (!adam->params || !adam->grads || !adam->sizes) goto nomem;
     for (int i = 0; i < num_segments; i++) {
         adam->params[i] = params[i];
         adam->grads[i] = grads[i];
@@ -26,11 +48,26 @@ ada_adam *ada_adam_create(int num_segments, float *const *params, float *const *
         adam->total += sizes[i];
     }
     adam->m = calloc(adam->total * 2 + 1, sizeof(float));
-    if (!adam->m) { ada_adam_free(adam); return NULL; }
+    if (!adam->m) goto nomem;
     adam->v = adam->m + adam->total;
     adam->lr = lr; adam->beta1 = beta1; adam->beta2 = beta2;
     adam->eps = eps; adam->weight_decay = weight_decay;
-    return adam;
+    *out = adam;
+    return ADA_OK;
+nomem:
+    ada_adam_free(adam);
+    return ada_fail(err, ADA_ENOMEM, "out of memory for the optimizer's moments");
+}
+
+ada_status ada_adam_set(ada_adam *adam, int64_t step, float lr, ada_error *err)
+{
+    if (step < 0)
+        return ada_fail(err, ADA_EINVAL, "step: expected >= 0, got %lld", (long long)step);
+    ada_status st = check_lr(lr, err);
+    if (st != ADA_OK) return st;
+    adam->step = step;
+    adam->lr = lr;
+    return ADA_OK;
 }
 
 void ada_adam_free(ada_adam *adam)

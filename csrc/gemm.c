@@ -33,17 +33,28 @@ static void ensure_blas_single_threaded(void)
     }
 }
 
-void ada_set_num_threads(int num_threads)
+static void use_threads(int num_threads)
 {
     ensure_blas_single_threaded();
-    if (num_threads < 1) num_threads = 1;
     ada_threads = num_threads;
     omp_set_num_threads(num_threads);
 }
 
+ada_status ada_set_num_threads(int num_threads, ada_error *err)
+{
+    if (num_threads < 1 || num_threads > ADA_MAX_THREADS)
+        return ada_fail(err, ADA_EINVAL, "num_threads: expected 1..%d, got %d",
+                        ADA_MAX_THREADS, num_threads);
+    use_threads(num_threads);
+    return ADA_OK;
+}
+
 int ada_get_num_threads(void)
 {
-    if (ada_threads == 0) ada_set_num_threads(omp_get_max_threads());  /* honours OMP_NUM_THREADS */
+    if (ada_threads == 0) {   /* honours OMP_NUM_THREADS, within our limit */
+        int threads = omp_get_max_threads();
+        use_threads(threads < 1 ? 1 : (threads > ADA_MAX_THREADS ? ADA_MAX_THREADS : threads));
+    }
     return ada_threads;
 }
 

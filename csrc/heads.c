@@ -11,27 +11,52 @@
 #include "adaloss.h"
 
 #include <math.h>
-#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
-#define NORM_EPS 1e-12f
 #define PI_F 3.14159265358979323846f
 
-static void set_err(ada_head *head, const char *msg)
+/* finite and in [lo, hi] (lo excluded when low_open) */
+static int in_range(float x, float lo, float hi, int low_open)
 {
-    snprintf(head->err, ADA_ERRLEN, "%s", msg);
+    return isfinite(x) && x <= hi && (low_open ? x > lo : x >= lo);
 }
 
-ada_head *ada_head_create(int kind, int variant, int num_classes, int embedding_dim,
-                          float s, float m, float h, float t_alpha)
+ada_status ada_head_create(ada_head **out, int kind, int variant, int num_classes,
+                           int embedding_dim, float s, float m, float h, float t_alpha,
+                           ada_error *err)
 {
-    if (num_classes < 1 || embedding_dim < 1 || kind < 0 || kind > 3 ||
-        variant < 0 || variant > 1)
-        return NULL;
-    if ((size_t)num_classes * embedding_dim > ((size_t)1 << 31)) return NULL;
+    *out = NULL;
+    if (kind < ADA_HEAD_SOFTMAX || kind > ADA_HEAD_ADAFACE)
+        return ada_fail(err, ADA_EINVAL, "kind: expected %d..%d (softmax, cosface, arcface, "
+                        "adaface), got %d", ADA_HEAD_SOFTMAX, ADA_HEAD_ADAFACE, kind);
+    if (variant != ADA_VARIANT_PAPER && variant != ADA_VARIANT_REPORT)
+        return ada_fail(err, ADA_EINVAL, "variant: expected %d (paper) or %d (report), got %d",
+                        ADA_VARIANT_PAPER, ADA_VARIANT_REPORT, variant);
+    if (num_classes < 1 || num_classes > ADA_MAX_DIM)
+        return ada_fail(err, ADA_EINVAL, "num_classes: expected 1..%d, got %d", ADA_MAX_DIM,
+                        num_classes);
+    if (embedding_dim < 1 || embedding_dim > ADA_MAX_DIM)
+        return ada_fail(err, ADA_EINVAL, "embedding_dim: expected 1..%d, got %d", ADA_MAX_DIM,
+                        embedding_dim);
+    if ((size_t)num_classes * embedding_dim > (size_t)ADA_MAX_HEAD_WEIGHTS)
+        return ada_fail(err, ADA_EINVAL, "num_classes * embedding_dim: expected at most %d "
+                        "weights, got %zu", ADA_MAX_HEAD_WEIGHTS,
+                        (size_t)num_classes * embedding_dim);
+    if (!in_range(s, 0.0f, 1e4f, 1))
+        return ada_fail(err, ADA_EINVAL, "s: expected a finite number in (0, 10000], got %g",
+                        (double)s);
+    if (!in_range(m, 0.0f, PI_F, 0))
+        return ada_fail(err, ADA_EINVAL, "m: expected a finite number in [0, pi], got %g",
+                        (double)m);
+    if (!in_range(h, 0.0f, 1e3f, 0))
+        return ada_fail(err, ADA_EINVAL, "h: expected a finite number in [0, 1000], got %g",
+                        (double)h);
+    if (!in_range(t_alpha, 0.0f, 1.0f, 0))
+        return ada_fail(err, ADA_EINVAL, "t_alpha: expected a finite number in [0, 1], got %g",
+                        (double)t_alpha);
     ada_head *head = calloc(1, sizeof(*head));
-    if (!head) return NULL;
+    if (!head) return ada_fail(err, ADA_ENOMEM, "out of memory for the head");
     head->kind = kind;
     head->variant = (kind == ADA_HEAD_ARCFACE || kind == ADA_HEAD_ADAFACE) ? variant
                                                                            : ADA_VARIANT_PAPER;
@@ -51,12 +76,16 @@ ada_head *ada_head_create(int kind, int variant, int num_classes, int embedding_
     head->normalize_weight = !raw;
     size_t cd = (size_t)num_classes * embedding_dim;
     head->weight = calloc(cd * 4 + num_classes, sizeof(float));
-    if (!head->weight) { free(head); return NULL; }
+    if (!head->weight) {
+        free(head);
+        return ada_fail(err, ADA_ENOMEM, "out of memory for %zu class weights", cd);
+    }
     head->weight_grad = head->weight + cd;
     head->weight_unit = head->weight + 2 * cd;
     head->weight_scratch = head->weight + 3 * cd;
     head->weight_norm = head->weight + 4 * cd;
-    return head;
+    *out = head;
+    return ADA_OK;
 }
 
 void ada_head_free(ada_head *head)
@@ -67,13 +96,18 @@ void ada_head_free(ada_head *head)
     free(head);
 }
 
-ada_status ada_head_reserve(ada_head *head, int N)
+ada_status ada_head_reserve(ada_head *head, int N, ada_error *err)
 {
+    if (N < 1 || N > ADA_MAX_BATCH)
+        return ada_fail(err, ADA_EINVAL, "N: expected a batch of 1..%d examples, got %d",
+                        ADA_MAX_BATCH, N);
     if (N <= head->capacity) return ADA_OK;
     size_t D = head->embedding_dim, C = head->num_classes;
     /* emb_unit (N D), cosine and dcosine (N C each), emb_norm, quality, angle (N) */
     float *block = malloc(sizeof(float) * ((size_t)N * (D + 2 * C + 3)));
-    if (!block) { set_err(head, "out of memory for the head's batch caches"); return ADA_ENOMEM; }
+    if (!block)
+        return ada_fail(err, ADA_ENOMEM, "out of memory for the head's caches for a batch of %d",
+                        N);
     free(head->emb_unit);
     head->emb_unit = block;
     head->cosine = block + (size_t)N * D;
@@ -91,15 +125,38 @@ void ada_head_zero_grad(ada_head *head)
     memset(head->weight_grad, 0, sizeof(float) * head->num_classes * head->embedding_dim);
 }
 
-static int labels_valid(ada_head *head, const int64_t *labels, int N)
+ada_status ada_head_set_running_stats(ada_head *head, float mean, float std, ada_error *err)
+{
+    if (!isfinite(mean))
+        return ada_fail(err, ADA_EINVAL, "mean: expected a finite number, got %g", (double)mean);
+    if (!isfinite(std) || std < 0.0f)
+        return ada_fail(err, ADA_EINVAL, "std: expected a finite number >= 0, got %g",
+                        (double)std);
+    head->running_mean = mean;
+    head->running_std = std;
+    return ADA_OK;
+}
+
+ada_status ada_head_check_labels(const ada_head *head, const int64_t *labels, int N,
+                                 ada_error *err)
 {
     for (int n = 0; n < N; n++)
-        if (labels[n] < 0 || labels[n] >= head->num_classes) {
-            snprintf(head->err, ADA_ERRLEN, "label %lld at index %d is outside [0, %d)",
-                     (long long)labels[n], n, head->num_classes);
-            return 0;
-        }
-    return 1;
+        if (labels[n] < 0 || labels[n] >= head->num_classes)
+            return ada_fail(err, ADA_EINVAL, "labels: expected values in [0, %d) (num_classes), "
+                            "got %lld at index %d", head->num_classes, (long long)labels[n], n);
+    return ADA_OK;
+}
+
+/* the batch size and the embeddings' finiteness, as forward and logits need */
+static ada_status check_batch(const ada_head *head, const float *emb, int N, int min_n,
+                              ada_error *err)
+{
+    if (N < min_n || N > ADA_MAX_BATCH)
+        return ada_fail(err, ADA_EINVAL, "emb: expected a batch of %d..%d examples, got %d",
+                        min_n, ADA_MAX_BATCH, N);
+    if (N > 0 && !ada_all_finite(emb, (size_t)N * head->embedding_dim))
+        return ada_fail(err, ADA_EINVAL, "emb contains NaN or inf");
+    return ADA_OK;
 }
 
 /* a (N, D), w (C, D) and cosine = a w^T, from the raw embedding and weight */
@@ -243,12 +300,12 @@ static float margin(const ada_head *head, float c, int target, float q,
 }
 
 ada_status ada_head_forward(ada_head *head, float *loss, const float *emb,
-                            const int64_t *labels, int N, int training)
+                            const int64_t *labels, int N, int training, ada_error *err)
 {
     int C = head->num_classes;
-    if (N < 1) { set_err(head, "batch size must be at least 1"); return ADA_EINVAL; }
-    if (!labels_valid(head, labels, N)) return ADA_EINVAL;
-    ada_status st = ada_head_reserve(head, N);
+    ada_status st = check_batch(head, emb, N, 1, err);
+    if (st == ADA_OK) st = ada_head_check_labels(head, labels, N, err);
+    if (st == ADA_OK) st = ada_head_reserve(head, N, err);
     if (st != ADA_OK) return st;
     cosines(head, emb, N);
     if (head->kind == ADA_HEAD_ADAFACE) adaface_quality(head, N, training);
@@ -290,12 +347,11 @@ ada_status ada_head_forward(ada_head *head, float *loss, const float *emb,
     return ADA_OK;
 }
 
-ada_status ada_head_backward(ada_head *head, float *demb, int accumulate_weight)
+ada_status ada_head_backward(ada_head *head, float *demb, int accumulate_weight,
+                             ada_error *err)
 {
-    if (!head->has_forward) {
-        set_err(head, "backward() needs a forward() first");
-        return ADA_ESTATE;
-    }
+    if (!head->has_forward)
+        return ada_fail(err, ADA_ESTATE, "backward() needs a forward(emb, labels) first");
     int N = head->cached_n, C = head->num_classes, D = head->embedding_dim;
     /* c = a w^T: da = dc w (N, D), dw = dc^T a (C, D) */
     ada_sgemm(0, 0, N, D, C, 1.0f, head->dcosine, C, head->weight_unit, D, 0.0f, demb, D);
@@ -318,27 +374,26 @@ ada_status ada_head_backward(ada_head *head, float *demb, int accumulate_weight)
 }
 
 ada_status ada_head_logits(ada_head *head, float *logits, const float *emb,
-                           const int64_t *labels, int N, int rule)
+                           const int64_t *labels, int N, int rule, ada_error *err)
 {
     int C = head->num_classes, D = head->embedding_dim;
-    if (N < 1) return ADA_OK;
-    if (rule == ADA_RULE_REPORT) {
-        if (head->variant != ADA_VARIANT_REPORT) {
-            set_err(head, "rule='report' exists only for variant='report' heads");
-            return ADA_EINVAL;
-        }
-        if (head->kind == ADA_HEAD_ADAFACE) {
-            /* the report's accuracy: argmax of e . W^T with the raw weight */
-            ada_sgemm(0, 1, N, C, D, 1.0f, emb, D, head->weight, D, 0.0f, logits, C);
-            return ADA_OK;
-        }
-        if (!labels) {
-            set_err(head, "the report's ArcFace evaluation needs labels");
-            return ADA_EINVAL;
-        }
+    if (rule != ADA_RULE_PLAIN && rule != ADA_RULE_REPORT)
+        return ada_fail(err, ADA_EINVAL, "rule: expected %d (plain) or %d (report), got %d",
+                        ADA_RULE_PLAIN, ADA_RULE_REPORT, rule);
+    if (rule == ADA_RULE_REPORT && head->variant != ADA_VARIANT_REPORT)
+        return ada_fail(err, ADA_EINVAL, "rule='report' exists only for variant='report' heads");
+    int needs_labels = rule == ADA_RULE_REPORT && head->kind != ADA_HEAD_ADAFACE;
+    if (needs_labels && !labels)
+        return ada_fail(err, ADA_EINVAL, "labels: the report's ArcFace evaluation needs labels");
+    ada_status st = check_batch(head, emb, N, 0, err);
+    if (st == ADA_OK && labels) st = ada_head_check_labels(head, labels, N, err);
+    if (st != ADA_OK || N == 0) return st;
+    if (rule == ADA_RULE_REPORT && head->kind == ADA_HEAD_ADAFACE) {
+        /* the report's accuracy: argmax of e . W^T with the raw weight */
+        ada_sgemm(0, 1, N, C, D, 1.0f, emb, D, head->weight, D, 0.0f, logits, C);
+        return ADA_OK;
     }
-    if (labels && !labels_valid(head, labels, N)) return ADA_EINVAL;
-    ada_status st = ada_head_reserve(head, N);
+    st = ada_head_reserve(head, N, err);
     if (st != ADA_OK) return st;
     cosines(head, emb, N);
     head->has_forward = 0;

@@ -8,7 +8,6 @@
  * (or more threads) arrives, never inside a step of a size already seen. */
 #include "adaloss.h"
 
-#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -16,77 +15,116 @@
 
 static size_t round_up(size_t n) { return (n + ALIGN_FLOATS - 1) / ALIGN_FLOATS * ALIGN_FLOATS; }
 
-static ada_net *fail_create(ada_net *net, char *err, size_t errlen, const char *msg)
+ada_status ada_net_create(ada_net **out, const ada_layer_spec *specs, int num_layers,
+                          int in_c, int in_h, int in_w, ada_error *err)
 {
-    if (err && errlen) snprintf(err, errlen, "%s", msg);
-    ada_net_free(net);
-    return NULL;
-}
-
-ada_net *ada_net_create(const ada_layer_spec *specs, int num_layers,
-                        int in_c, int in_h, int in_w, char *err, size_t errlen)
-{
-    char msg[ADA_ERRLEN];
-    if (num_layers < 1) return fail_create(NULL, err, errlen, "a network needs at least one layer");
+    *out = NULL;
+    if (num_layers < 1 || num_layers > ADA_MAX_LAYERS)
+        return ada_fail(err, ADA_EINVAL, "layers: expected 1 to %d layers, got %d",
+                        ADA_MAX_LAYERS, num_layers);
     int flat = in_h == 0 && in_w == 0;
     if (flat) { in_h = 1; in_w = 1; }
     if (in_c < 1 || in_h < 1 || in_w < 1)
-        return fail_create(NULL, err, errlen, "input shape must be positive");
+        return ada_fail(err, ADA_EINVAL, "input_shape: expected (C, H, W) or (D,) of positive "
+                        "sizes, got (%d, %d, %d)", in_c, in_h, in_w);
+    /* every layer checked and sized before anything is allocated */
+    int c = in_c, h = in_h, w = in_w;
+    for (int i = 0; i < num_layers; i++) {
+        const ada_layer_spec *sp = &specs[i];
+        switch (sp->kind) {
+        case ADA_LAYER_CONV2D: {
+            int k = sp->conv2d.kernel_size, pad = sp->conv2d.padding;
+            if (flat)
+                return ada_fail(err, ADA_EINVAL, "layer %d (Conv2d) needs an image input (C, H, "
+                                "W), got a flat vector", i);
+            if (sp->conv2d.in_channels != c)
+                return ada_fail(err, ADA_EINVAL, "layer %d (Conv2d) expects %d input channels, "
+                                "but receives %d", i, sp->conv2d.in_channels, c);
+            if (sp->conv2d.out_channels < 1 || sp->conv2d.out_channels > ADA_MAX_DIM ||
+                k < 1 || k % 2 == 0 || k > 63 || pad < 0 || pad > 63)
+                return ada_fail(err, ADA_EINVAL, "layer %d (Conv2d): out_channels in 1..%d, an odd "
+                                "kernel_size in 1..63 and padding in 0..63 expected, got %d, %d, %d",
+                                i, ADA_MAX_DIM, sp->conv2d.out_channels, k, pad);
+            if (h + 2 * pad - k + 1 < 1 || w + 2 * pad - k + 1 < 1)
+                return ada_fail(err, ADA_EINVAL, "layer %d (Conv2d): kernel %d with padding %d "
+                                "does not fit a %dx%d input", i, k, pad, h, w);
+            c = sp->conv2d.out_channels;
+            h += 2 * pad - k + 1;
+            w += 2 * pad - k + 1;
+            break;
+        }
+        case ADA_LAYER_LINEAR:
+            if (!flat)
+                return ada_fail(err, ADA_EINVAL, "layer %d (Linear) needs a flat input; put "
+                                "Flatten() before it (input is %dx%dx%d)", i, c, h, w);
+            if (sp->linear.in_features != c)
+                return ada_fail(err, ADA_EINVAL, "layer %d (Linear) expects in_features=%d, but "
+                                "receives %d", i, sp->linear.in_features, c);
+            if (sp->linear.out_features < 1 || sp->linear.out_features > ADA_MAX_DIM)
+                return ada_fail(err, ADA_EINVAL, "layer %d (Linear): out_features in 1..%d "
+                                "expected, got %d", i, ADA_MAX_DIM, sp->linear.out_features);
+            c = sp->linear.out_features;
+            break;
+        case ADA_LAYER_MAXPOOL2D:
+            if (flat || h < 2 || w < 2)
+                return ada_fail(err, ADA_EINVAL, "layer %d (MaxPool2d) needs an image input of "
+                                "at least 2x2", i);
+            h /= 2; w /= 2;
+            break;
+        case ADA_LAYER_FLATTEN:
+            c = c * h * w; h = 1; w = 1;
+            flat = 1;
+            break;
+        case ADA_LAYER_L2NORM:
+            if (!flat)
+                return ada_fail(err, ADA_EINVAL, "layer %d (L2Normalize) needs a flat input; put "
+                                "Flatten() before it", i);
+            break;
+        case ADA_LAYER_RELU:
+            break;
+        default:
+            return ada_fail(err, ADA_EINVAL, "layers[%d].kind: expected %d..%d, got %d", i,
+                            ADA_LAYER_CONV2D, ADA_LAYER_L2NORM, sp->kind);
+        }
+    }
+
     ada_net *net = calloc(1, sizeof(*net));
-    if (!net) return fail_create(NULL, err, errlen, "out of memory");
-    net->layers = calloc((size_t)num_layers, sizeof(ada_layer));
-    if (!net->layers) return fail_create(net, err, errlen, "out of memory");
+    if (!net || !(net->layers = calloc((size_t)num_layers, sizeof(ada_layer)))) {
+        free(net);
+        return ada_fail(err, ADA_ENOMEM, "out of memory for a network of %d layers", num_layers);
+    }
     net->num_layers = num_layers;
     net->in_c = in_c; net->in_h = in_h; net->in_w = in_w;
     net->in_size = (size_t)in_c * in_h * in_w;
-    net->fuse = 1;
-    int c = in_c, h = in_h, w = in_w;
+    c = in_c; h = in_h; w = in_w;
     size_t params = 0;
     for (int i = 0; i < num_layers; i++) {
         ada_layer *L = &net->layers[i];
         const ada_layer_spec *sp = &specs[i];
         L->kind = sp->kind;
         L->in_c = c; L->in_h = h; L->in_w = w;
+        L->out_c = c; L->out_h = h; L->out_w = w;
         switch (sp->kind) {
         case ADA_LAYER_CONV2D:
-            if (flat) { snprintf(msg, sizeof msg, "layer %d (Conv2d) needs an image input (C, H, W), got a flat vector", i); return fail_create(net, err, errlen, msg); }
-            if (sp->a != c) { snprintf(msg, sizeof msg, "layer %d (Conv2d) expects %d input channels, but receives %d", i, sp->a, c); return fail_create(net, err, errlen, msg); }
-            if (sp->b < 1 || sp->c < 1 || sp->c % 2 == 0 || sp->d < 0) { snprintf(msg, sizeof msg, "layer %d (Conv2d): out_channels >= 1, an odd kernel_size >= 1 and padding >= 0 expected", i); return fail_create(net, err, errlen, msg); }
-            L->k = sp->c; L->pad = sp->d;
-            L->out_c = sp->b;
+            L->k = sp->conv2d.kernel_size; L->pad = sp->conv2d.padding;
+            L->out_c = sp->conv2d.out_channels;
             L->out_h = h + 2 * L->pad - L->k + 1;
             L->out_w = w + 2 * L->pad - L->k + 1;
-            if (L->out_h < 1 || L->out_w < 1) { snprintf(msg, sizeof msg, "layer %d (Conv2d): kernel %d with padding %d does not fit a %dx%d input", i, L->k, L->pad, h, w); return fail_create(net, err, errlen, msg); }
-            L->weight_size = (size_t)sp->b * sp->a * L->k * L->k;
-            L->bias_size = (size_t)sp->b;
+            L->weight_size = (size_t)L->out_c * c * L->k * L->k;
+            L->bias_size = (size_t)L->out_c;
             break;
         case ADA_LAYER_LINEAR:
-            if (!flat) { snprintf(msg, sizeof msg, "layer %d (Linear) needs a flat input; put Flatten() before it (input is %dx%dx%d)", i, c, h, w); return fail_create(net, err, errlen, msg); }
-            if (sp->a != c) { snprintf(msg, sizeof msg, "layer %d (Linear) expects in_features=%d, but receives %d", i, sp->a, c); return fail_create(net, err, errlen, msg); }
-            if (sp->b < 1) { snprintf(msg, sizeof msg, "layer %d (Linear): out_features must be >= 1", i); return fail_create(net, err, errlen, msg); }
-            L->out_c = sp->b; L->out_h = 1; L->out_w = 1;
-            L->weight_size = (size_t)sp->b * sp->a;
-            L->bias_size = (size_t)sp->b;
+            L->out_c = sp->linear.out_features;
+            L->weight_size = (size_t)L->out_c * c;
+            L->bias_size = (size_t)L->out_c;
             break;
         case ADA_LAYER_MAXPOOL2D:
-            if (flat || h < 2 || w < 2) { snprintf(msg, sizeof msg, "layer %d (MaxPool2d) needs an image input of at least 2x2", i); return fail_create(net, err, errlen, msg); }
-            L->out_c = c; L->out_h = h / 2; L->out_w = w / 2;
+            L->out_h = h / 2; L->out_w = w / 2;
             break;
         case ADA_LAYER_FLATTEN:
             L->out_c = c * h * w; L->out_h = 1; L->out_w = 1;
-            flat = 1;
             break;
-        case ADA_LAYER_L2NORM:
-            if (!flat) { snprintf(msg, sizeof msg, "layer %d (L2Normalize) needs a flat input; put Flatten() before it", i); return fail_create(net, err, errlen, msg); }
-            /* fallthrough */
-        case ADA_LAYER_RELU:
-            L->out_c = c; L->out_h = h; L->out_w = w;
-            break;
-        default:
-            snprintf(msg, sizeof msg, "layer %d has an unknown kind %d", i, sp->kind);
-            return fail_create(net, err, errlen, msg);
         }
-        L->in_size = (size_t)c * h * w;
         c = L->out_c; h = L->out_h; w = L->out_w;
         L->out_size = (size_t)c * h * w;
         if (L->weight_size) {
@@ -98,7 +136,7 @@ ada_net *ada_net_create(const ada_layer_spec *specs, int num_layers,
     }
     for (int i = 0; i + 1 < num_layers; i++) {
         ada_layer *L = &net->layers[i];
-        if (net->fuse && net->layers[i + 1].kind == ADA_LAYER_RELU &&
+        if (net->layers[i + 1].kind == ADA_LAYER_RELU &&
             (L->kind == ADA_LAYER_CONV2D || L->kind == ADA_LAYER_LINEAR))
             L->fused_relu = 1;
     }
@@ -106,10 +144,14 @@ ada_net *ada_net_create(const ada_layer_spec *specs, int num_layers,
     net->num_params = params;
     net->params = aligned_alloc(64, sizeof(float) * round_up(params + 1));
     net->grads = aligned_alloc(64, sizeof(float) * round_up(params + 1));
-    if (!net->params || !net->grads) return fail_create(net, err, errlen, "out of memory for the parameters");
+    if (!net->params || !net->grads) {
+        ada_net_free(net);
+        return ada_fail(err, ADA_ENOMEM, "out of memory for %zu parameters", params);
+    }
     memset(net->params, 0, sizeof(float) * round_up(params + 1));
     memset(net->grads, 0, sizeof(float) * round_up(params + 1));
-    return net;
+    *out = net;
+    return ADA_OK;
 }
 
 void ada_net_free(ada_net *net)
@@ -130,8 +172,11 @@ static int aliases_input(const ada_net *net, int i)
     return L->kind == ADA_LAYER_RELU && i > 0 && net->layers[i - 1].fused_relu;
 }
 
-ada_status ada_net_reserve(ada_net *net, int N)
+ada_status ada_net_reserve(ada_net *net, int N, ada_error *err)
 {
+    if (N < 1 || N > ADA_MAX_BATCH)
+        return ada_fail(err, ADA_EINVAL, "N: expected a batch of 1..%d examples, got %d",
+                        ADA_MAX_BATCH, N);
     int threads = ada_get_num_threads();
     if (N <= net->capacity && threads <= net->threads_planned) return ADA_OK;
     if (N < net->capacity) N = net->capacity;
@@ -149,16 +194,14 @@ ada_status ada_net_reserve(ada_net *net, int N)
     }
     floats += round_up(ws);
     void *arena = aligned_alloc(64, (sizeof(float) * floats + bytes_u8 + 127) / 64 * 64);
-    if (!arena) {
-        snprintf(net->err, ADA_ERRLEN, "out of memory planning activations for a batch of %d", N);
-        return ADA_ENOMEM;
-    }
+    if (!arena)
+        return ada_fail(err, ADA_ENOMEM, "out of memory planning activations for a batch of %d",
+                        N);
     free(net->act_arena);
     net->act_arena = arena;
     float *p = arena;
     net->input = p; p += round_up((size_t)N * net->in_size);
     net->workspace = p; p += round_up(ws);
-    net->workspace_floats = ws;
     for (int i = 0; i < net->num_layers; i++) {
         ada_layer *L = &net->layers[i];
         if (aliases_input(net, i)) {
@@ -185,11 +228,25 @@ void ada_net_zero_grad(ada_net *net)
     memset(net->grads, 0, sizeof(float) * net->num_params);
 }
 
-ada_status ada_net_forward(ada_net *net, const float **output, const float *x_float,
-                           const uint8_t *x_u8, int N)
+/* the batch size and the input, as forward and the training step need */
+static ada_status check_input(const ada_net *net, const float *x_float, const uint8_t *x_u8,
+                              int N, ada_error *err)
 {
-    if (N < 1) { snprintf(net->err, ADA_ERRLEN, "batch size must be at least 1"); return ADA_EINVAL; }
-    ada_status st = ada_net_reserve(net, N);
+    if (N < 1 || N > ADA_MAX_BATCH)
+        return ada_fail(err, ADA_EINVAL, "x: expected a batch of 1..%d examples, got %d",
+                        ADA_MAX_BATCH, N);
+    if (!x_float == !x_u8)
+        return ada_fail(err, ADA_EINVAL, "x: expected exactly one of x_float and x_u8");
+    if (x_float && !ada_all_finite(x_float, (size_t)N * net->in_size))
+        return ada_fail(err, ADA_EINVAL, "x contains NaN or inf");
+    return ADA_OK;
+}
+
+ada_status ada_net_forward(ada_net *net, const float **output, const float *x_float,
+                           const uint8_t *x_u8, int N, ada_error *err)
+{
+    ada_status st = check_input(net, x_float, x_u8, N, err);
+    if (st == ADA_OK) st = ada_net_reserve(net, N, err);
     if (st != ADA_OK) return st;
     size_t n_in = (size_t)N * net->in_size;
     if (x_u8) ada_u8_to_float(net->input, x_u8, n_in);
@@ -260,19 +317,20 @@ static void backward_from_last(ada_net *net, float *dinp, int N)
             if (dx) ada_l2norm_backward(dx, L->dout, L->out, L->norms, N, L->in_c);
             break;
         case ADA_LAYER_FLATTEN:
-            /* shares its buffers with layer i - 1; at i == 0, copy out */
             /* nothing to do: a Flatten shares its buffers with its neighbours */
             break;
         }
     }
 }
 
-ada_status ada_net_backward(ada_net *net, float *dinp, const float *dout, int N)
+ada_status ada_net_backward(ada_net *net, float *dinp, const float *dout, int N,
+                            ada_error *err)
 {
-    if (N < 1 || N > net->capacity) {
-        snprintf(net->err, ADA_ERRLEN, "backward of %d examples does not follow a forward of that batch", N);
-        return ADA_ESTATE;
-    }
+    if (N < 1 || N > net->capacity)
+        return ada_fail(err, ADA_EINVAL, "d_emb: expected N rows with N the batch of the last "
+                        "forward (at most %d), got %d", net->capacity, N);
+    if (!ada_all_finite(dout, (size_t)N * net->out_size))
+        return ada_fail(err, ADA_EINVAL, "d_emb contains NaN or inf");
     ada_layer *last = &net->layers[net->num_layers - 1];
     if (!last->dout) {
         /* a network that is a lone Flatten: the gradient passes through */
@@ -286,35 +344,42 @@ ada_status ada_net_backward(ada_net *net, float *dinp, const float *dout, int N)
 
 ada_status ada_train_step(ada_net *net, ada_head *head, ada_adam *adam, float *loss,
                           const float *x_float, const uint8_t *x_u8,
-                          const int64_t *labels, int N, int head_weight_trained)
+                          const int64_t *labels, int N, int head_weight_trained,
+                          ada_error *err)
 {
-    if ((size_t)head->embedding_dim != net->out_size) {
-        snprintf(net->err, ADA_ERRLEN, "the network's output size %zu differs from the head's embedding_dim %d",
-                 net->out_size, head->embedding_dim);
-        return ADA_EINVAL;
-    }
-    const float *emb;
-    ada_status st = ada_net_forward(net, &emb, x_float, x_u8, N);
+    /* everything is checked before the forward changes any state */
+    if ((size_t)head->embedding_dim != net->out_size)
+        return ada_fail(err, ADA_EINVAL, "head: embedding_dim %d differs from the network's "
+                        "output size %zu", head->embedding_dim, net->out_size);
+    /* a chain of Flattens has no buffers of its own to take the head's gradient */
+    int only_flatten = 1;
+    for (int i = 0; i < net->num_layers; i++)
+        only_flatten &= net->layers[i].kind == ADA_LAYER_FLATTEN;
+    if (only_flatten)
+        return ada_fail(err, ADA_EINVAL, "net: a network of Flatten layers alone cannot be "
+                        "trained; add a layer after it");
+    ada_status st = check_input(net, x_float, x_u8, N, err);
+    if (st == ADA_OK) st = ada_head_check_labels(head, labels, N, err);
+    if (st == ADA_OK) st = ada_head_reserve(head, N, err);
     if (st != ADA_OK) return st;
-    /* the head reserves its caches and validates the labels before it
-     * changes any state */
+
+    const float *emb;
+    st = ada_net_forward(net, &emb, x_float, x_u8, N, err);
+    if (st != ADA_OK) return st;
     float saved_mean = head->running_mean, saved_std = head->running_std;
-    st = ada_head_forward(head, loss, emb, labels, N, 1);
-    if (st != ADA_OK) { snprintf(net->err, ADA_ERRLEN, "%s", head->err); return st; }
+    st = ada_head_forward(head, loss, emb, labels, N, 1, err);
+    if (st != ADA_OK) return st;
     ada_net_zero_grad(net);
     if (head_weight_trained) ada_head_zero_grad(head);
-    ada_layer *last = &net->layers[net->num_layers - 1];
-    float *demb = last->dout;
-    if (!demb) { snprintf(net->err, ADA_ERRLEN, "a network without trainable layers cannot be trained"); return ADA_EINVAL; }
-    st = ada_head_backward(head, demb, head_weight_trained);
-    if (st != ADA_OK) { snprintf(net->err, ADA_ERRLEN, "%s", head->err); return st; }
+    st = ada_head_backward(head, net->layers[net->num_layers - 1].dout, head_weight_trained,
+                           err);
+    if (st != ADA_OK) return st;
     backward_from_last(net, NULL, N);
     if (!(*loss == *loss) || *loss > 3.0e38f || *loss < -3.0e38f || !ada_adam_grads_finite(adam)) {
-        snprintf(net->err, ADA_ERRLEN, "non-finite loss or gradient (loss %g); the step was not applied",
-                 (double)*loss);
         head->running_mean = saved_mean;
         head->running_std = saved_std;
-        return ADA_ENONFINITE;
+        return ada_fail(err, ADA_ENONFINITE, "non-finite loss or gradient (loss %g); the step "
+                        "was not applied", (double)*loss);
     }
     ada_adam_step(adam);
     return ADA_OK;

@@ -150,29 +150,35 @@ static void test_heads(void)
     for (int kind = 0; kind < 4; kind++)
         for (int variant = 0; variant < 2; variant++) {
             if (variant && kind < 2) continue;
-            ada_head *head = ada_head_create(kind, variant, C, D, 4.0f, 0.3f, 0.333f, 0.01f);
-            CHECK(head != NULL, "head create");
+            ada_head *head;
+            ada_error err = {""};
+            CHECK(ada_head_create(&head, kind, variant, C, D, 4.0f, 0.3f, 0.333f, 0.01f, &err) == ADA_OK,
+                  "head create: %s", err.msg);
             float *emb = randn((size_t)N * D);
             for (size_t i = 0; i < (size_t)C * D; i++) head->weight[i] = frand() * (kind == 2 && variant ? 0.2f : 1.0f);
             for (size_t i = 0; i < (size_t)N * D; i++) emb[i] *= (kind == 2 && variant) ? 0.2f : (kind == 3 && !variant ? 20.0f : 1.0f);
             int64_t labels[6] = {0, 1, 2, 3, 1, 2};
             float loss, demb[30];
-            CHECK(ada_head_forward(head, &loss, emb, labels, N, 0) == ADA_OK && isfinite(loss), "head forward %d/%d", kind, variant);
+            CHECK(ada_head_forward(head, &loss, emb, labels, N, 0, &err) == ADA_OK && isfinite(loss), "head forward %d/%d", kind, variant);
             ada_head_zero_grad(head);
-            CHECK(ada_head_backward(head, demb, 1) == ADA_OK, "head backward");
+            CHECK(ada_head_backward(head, demb, 1, NULL) == ADA_OK, "head backward");
             if (!(kind == 3 && variant == 1)) {  /* report AdaFace: q is noise, not differentiable */
                 float h = 1e-2f, worst = 0;
                 for (int i = 0; i < N * D; i++) {
                     float old = emb[i], up, dn;
-                    emb[i] = old + h; ada_head_forward(head, &up, emb, labels, N, 0);
-                    emb[i] = old - h; ada_head_forward(head, &dn, emb, labels, N, 0);
+                    emb[i] = old + h; ada_head_forward(head, &up, emb, labels, N, 0, NULL);
+                    emb[i] = old - h; ada_head_forward(head, &dn, emb, labels, N, 0, NULL);
                     emb[i] = old;
                     worst = fmaxf(worst, fabsf((up - dn) / (2 * h) - demb[i]));
                 }
                 CHECK(worst < 0.05f * max_abs(demb, (size_t)N * D) + 1e-4f, "head %d/%d demb (%g)", kind, variant, worst);
             }
             int64_t bad[6] = {0, 1, 2, 3, 4, 0};
-            CHECK(ada_head_forward(head, &loss, emb, bad, N, 1) == ADA_EINVAL && strstr(head->err, "label 4"), "head rejects labels");
+            float mean = head->running_mean, std = head->running_std;
+            CHECK(ada_head_forward(head, &loss, emb, bad, N, 1, &err) == ADA_EINVAL &&
+                  strstr(err.msg, "labels: expected values in [0, 4) (num_classes), got 4 at index 4"),
+                  "head rejects labels: %s", err.msg);
+            CHECK(head->running_mean == mean && head->running_std == std, "rejected forward changes nothing");
             free(emb);
             ada_head_free(head);
         }
@@ -182,51 +188,119 @@ static void test_adam(void)
 {
     float p[3] = {1, 2, 3}, g[3] = {0.5f, -0.5f, 0}, *pp = p, *gp = g;
     size_t n = 3;
-    ada_adam *adam = ada_adam_create(1, &pp, &gp, &n, 0.1f, 0.9f, 0.999f, 1e-8f, 0.0f);
+    ada_adam *adam;
+    CHECK(ada_adam_create(&adam, 1, &pp, &gp, &n, 0.1f, 0.9f, 0.999f, 1e-8f, 0.0f, NULL) == ADA_OK, "adam create");
     ada_adam_step(adam);
     CHECK(fabsf(p[0] - 0.9f) < 1e-6f && fabsf(p[1] - 2.1f) < 1e-6f && p[2] == 3.0f, "adam first step is lr * sign(g)");
     ada_adam_free(adam);
 }
 
+static void test_errors(void)
+{
+    ada_error err = {""};
+    ada_head *head = (ada_head *)&err;   /* must be reset to NULL on failure */
+    CHECK(ada_head_create(&head, 7, 0, 4, 8, 1.0f, 0.0f, 0.3f, 0.01f, &err) == ADA_EINVAL &&
+          head == NULL && strstr(err.msg, "kind: expected 0..3") && strstr(err.msg, "got 7"),
+          "bad head kind: %s", err.msg);
+    CHECK(ada_head_create(&head, ADA_HEAD_ARCFACE, 0, 4, 8, NAN, 0.5f, 0.3f, 0.01f, &err) == ADA_EINVAL &&
+          strstr(err.msg, "s: expected a finite number in (0, 10000]"), "bad s: %s", err.msg);
+    CHECK(ada_head_create(&head, ADA_HEAD_ARCFACE, 0, 0, 8, 1.0f, 0.5f, 0.3f, 0.01f, NULL) == ADA_EINVAL &&
+          head == NULL, "a NULL error is allowed");
+    CHECK(ada_set_num_threads(0, &err) == ADA_EINVAL && strstr(err.msg, "num_threads: expected 1.."),
+          "num_threads: %s", err.msg);
+    CHECK(ada_set_num_threads(ADA_MAX_THREADS + 1, &err) == ADA_EINVAL, "num_threads above the cap");
+    ada_adam *adam = (ada_adam *)&err;
+    CHECK(ada_adam_create(&adam, 0, NULL, NULL, NULL, 1e-3f, 0.9f, 1.0f, 1e-8f, 0.0f, &err) == ADA_EINVAL &&
+          adam == NULL && strstr(err.msg, "betas: expected values in [0, 1)"), "betas: %s", err.msg);
+    ada_net *net = (ada_net *)&err;
+    ada_layer_spec bad[1] = {{.kind = 17}};
+    CHECK(ada_net_create(&net, bad, 1, 1, 4, 4, &err) == ADA_EINVAL && net == NULL &&
+          strstr(err.msg, "layers[0].kind: expected 0..5, got 17"), "layer kind: %s", err.msg);
+}
+
+/* a step that fails leaves the AdaFace running statistics and the weights as
+ * they were */
+static void test_failed_step_changes_nothing(void)
+{
+    ada_error err = {""};
+    ada_layer_spec flatten[1] = {{.kind = ADA_LAYER_FLATTEN}};
+    ada_net *net;
+    ada_head *head;
+    ada_adam *adam;
+    CHECK(ada_net_create(&net, flatten, 1, 1, 4, 4, &err) == ADA_OK, "flatten net: %s", err.msg);
+    CHECK(ada_head_create(&head, ADA_HEAD_ADAFACE, ADA_VARIANT_PAPER, 4, 16, 16.0f, 0.4f, 0.333f,
+                          0.01f, &err) == ADA_OK, "head");
+    for (int i = 0; i < 64; i++) head->weight[i] = frand();
+    size_t n = 64;
+    CHECK(ada_adam_create(&adam, 1, &head->weight, &head->weight_grad, &n, 1e-2f, 0.9f, 0.999f,
+                          1e-8f, 0.0f, &err) == ADA_OK, "adam");
+    uint8_t x[4 * 16];
+    for (int i = 0; i < 64; i++) x[i] = (uint8_t)(i * 53 % 256);
+    int64_t y[4] = {0, 1, 2, 3};
+    float w0[64], loss;
+    memcpy(w0, head->weight, sizeof w0);
+    float mean = head->running_mean, std = head->running_std;
+    CHECK(ada_train_step(net, head, adam, &loss, NULL, x, y, 4, 1, &err) == ADA_EINVAL &&
+          strstr(err.msg, "Flatten"), "a Flatten-only network cannot be trained: %s", err.msg);
+    CHECK(head->running_mean == mean && head->running_std == std,
+          "running stats unchanged after a failed step (%g, %g) -> (%g, %g)", (double)mean,
+          (double)std, (double)head->running_mean, (double)head->running_std);
+    CHECK(memcmp(w0, head->weight, sizeof w0) == 0 && adam->step == 0, "weights unchanged");
+    ada_adam_free(adam);
+    ada_head_free(head);
+    ada_net_free(net);
+}
+
 static void test_net(void)
 {
-    char err[ADA_ERRLEN];
-    ada_layer_spec bad[2] = {{ADA_LAYER_CONV2D, 3, 4, 3, 1}, {ADA_LAYER_RELU, 0, 0, 0, 0}};
-    CHECK(ada_net_create(bad, 2, 1, 8, 8, err, sizeof err) == NULL && strstr(err, "input channels"), "net rejects channels");
-    ada_layer_spec specs[] = {{ADA_LAYER_CONV2D, 1, 4, 3, 1}, {ADA_LAYER_RELU, 0, 0, 0, 0},
-                              {ADA_LAYER_MAXPOOL2D, 0, 0, 0, 0}, {ADA_LAYER_FLATTEN, 0, 0, 0, 0},
-                              {ADA_LAYER_LINEAR, 64, 16, 0, 0}, {ADA_LAYER_RELU, 0, 0, 0, 0},
-                              {ADA_LAYER_LINEAR, 16, 8, 0, 0}, {ADA_LAYER_L2NORM, 0, 0, 0, 0}};
-    ada_net *net = ada_net_create(specs, 8, 1, 8, 8, err, sizeof err);
-    CHECK(net != NULL, "net create: %s", err);
+    ada_error err = {""};
+    ada_net *net;
+    ada_layer_spec bad[2] = {{ADA_LAYER_CONV2D, .conv2d = {3, 4, 3, 1}}, {ADA_LAYER_RELU}};
+    CHECK(ada_net_create(&net, bad, 2, 1, 8, 8, &err) == ADA_EINVAL && net == NULL &&
+          strstr(err.msg, "input channels"), "net rejects channels");
+    ada_layer_spec specs[] = {{ADA_LAYER_CONV2D, .conv2d = {.in_channels = 1, .out_channels = 4,
+                                                            .kernel_size = 3, .padding = 1}},
+                              {ADA_LAYER_RELU}, {ADA_LAYER_MAXPOOL2D}, {ADA_LAYER_FLATTEN},
+                              {ADA_LAYER_LINEAR, .linear = {.in_features = 64, .out_features = 16}},
+                              {ADA_LAYER_RELU},
+                              {ADA_LAYER_LINEAR, .linear = {.in_features = 16, .out_features = 8}},
+                              {ADA_LAYER_L2NORM}};
+    CHECK(ada_net_create(&net, specs, 8, 1, 8, 8, &err) == ADA_OK, "net create: %s", err.msg);
     for (size_t i = 0; i < net->num_params; i++) net->params[i] = 0.3f * frand();
-    ada_head *head = ada_head_create(ADA_HEAD_ADAFACE, ADA_VARIANT_PAPER, 4, 8, 16.0f, 0.4f, 0.333f, 0.01f);
+    ada_head *head;
+    CHECK(ada_head_create(&head, ADA_HEAD_ADAFACE, ADA_VARIANT_PAPER, 4, 8, 16.0f, 0.4f, 0.333f, 0.01f, &err) == ADA_OK, "head");
     for (int i = 0; i < 32; i++) head->weight[i] = frand();
     float *params[2] = {net->params, head->weight}, *grads[2] = {net->grads, head->weight_grad};
     size_t sizes[2] = {net->num_params, 32};
-    ada_adam *adam = ada_adam_create(2, params, grads, sizes, 1e-2f, 0.9f, 0.999f, 1e-8f, 0.0f);
+    ada_adam *adam;
+    CHECK(ada_adam_create(&adam, 2, params, grads, sizes, 1e-2f, 0.9f, 0.999f, 1e-8f, 0.0f, &err) == ADA_OK, "adam");
     uint8_t x[16 * 64];
     int64_t y[16];
     for (int i = 0; i < 16 * 64; i++) x[i] = (uint8_t)(i * 37 % 256);
     for (int i = 0; i < 16; i++) y[i] = i % 4;
     float first = 0, loss = 0;
     for (int step = 0; step < 60; step++) {
-        CHECK(ada_train_step(net, head, adam, &loss, NULL, x, y, 16, 1) == ADA_OK, "train step");
+        CHECK(ada_train_step(net, head, adam, &loss, NULL, x, y, 16, 1, &err) == ADA_OK, "train step: %s", err.msg);
         if (step == 0) first = loss;
     }
     CHECK(isfinite(loss) && loss < first, "loss falls on a fixed batch (%g -> %g)", first, loss);
     /* a larger batch replans; a smaller one reuses */
-    CHECK(ada_train_step(net, head, adam, &loss, NULL, x, y, 3, 1) == ADA_OK, "smaller batch");
+    CHECK(ada_train_step(net, head, adam, &loss, NULL, x, y, 3, 1, &err) == ADA_OK, "smaller batch");
     int64_t badlab[16] = {0};
     badlab[5] = 9;
-    CHECK(ada_train_step(net, head, adam, &loss, NULL, x, badlab, 16, 1) == ADA_EINVAL, "bad label rejected");
+    float mean = head->running_mean, std = head->running_std;
+    int64_t step = adam->step;
+    CHECK(ada_train_step(net, head, adam, &loss, NULL, x, badlab, 16, 1, &err) == ADA_EINVAL &&
+          strstr(err.msg, "got 9 at index 5"), "bad label rejected: %s", err.msg);
+    CHECK(head->running_mean == mean && head->running_std == std && adam->step == step,
+          "a rejected step changes nothing");
     const float *outp;
     float xf[2 * 64];
     for (int i = 0; i < 128; i++) xf[i] = frand();
-    CHECK(ada_net_forward(net, &outp, xf, NULL, 2) == ADA_OK, "float forward");
+    CHECK(ada_net_forward(net, &outp, xf, NULL, 2, &err) == ADA_OK, "float forward");
     float dx[2 * 64], dout[16];
     for (int i = 0; i < 16; i++) dout[i] = frand();
-    CHECK(ada_net_backward(net, dx, dout, 2) == ADA_OK, "backward");
+    CHECK(ada_net_backward(net, dx, dout, 2, &err) == ADA_OK, "backward");
     ada_adam_free(adam);
     ada_head_free(head);
     ada_net_free(net);
@@ -243,6 +317,8 @@ int main(void)
     test_heads();
     test_adam();
     test_net();
+    test_errors();
+    test_failed_step_changes_nothing();
     printf("%d passed, %d failed\n", passed, failed);
     return failed != 0;
 }
