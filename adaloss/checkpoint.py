@@ -7,7 +7,8 @@ Format (version 1), one file:
     bytes 12-43  SHA-256 of the payload
     bytes 44-    payload: a NumPy .npz archive with the arrays
                  net/<name>, head/weight, adam/exp_avg, adam/exp_avg_sq and
-                 meta, a JSON string: architecture, head settings and running
+                 meta, a JSON string: architecture, head settings (ArcFace's
+                 margin rule, the combined head's m1, m2, m3) and running
                  statistics, Adam step and hyper-parameters, and whatever the
                  caller adds (epoch, RNG state, history).
 
@@ -39,11 +40,24 @@ class CheckpointError(ValueError):
 
 
 def _architecture(net: Sequential, head: _Head) -> dict:
+    settings = {"kind": head._kind, "variant": head.variant,
+                "num_classes": head.num_classes, "embedding_dim": head.embedding_dim,
+                "s": head.s, "m": head.m, "h": head.h, "t_alpha": head.t_alpha}
+    if head._kind == "ArcFace":
+        settings["rule"] = head.rule
+    elif head._kind == "CombinedMargin":
+        settings.update(m1=head.m1, m2=head.m2, m3=head.m3)
     return {"layers": [list(layer.spec()) for layer in net.layers],
-            "input_shape": list(net.input_shape),
-            "head": {"kind": head._kind, "variant": head.variant,
-                     "num_classes": head.num_classes, "embedding_dim": head.embedding_dim,
-                     "s": head.s, "m": head.m, "h": head.h, "t_alpha": head.t_alpha}}
+            "input_shape": list(net.input_shape), "head": settings}
+
+
+def _saved_architecture(meta: dict) -> dict:
+    """The saved architecture; an ArcFace saved before margin rules existed
+    used the fallback rule."""
+    arch = meta["architecture"]
+    if arch.get("head", {}).get("kind") == "ArcFace" and "rule" not in arch["head"]:
+        arch = {**arch, "head": {**arch["head"], "rule": "fallback"}}
+    return arch
 
 
 def atomic_write(path, data: bytes) -> None:
@@ -125,9 +139,10 @@ def load(path, net: Sequential, head: _Head, optimizer: Adam) -> dict:
     """Restore a checkpoint into existing objects of the same architecture;
     returns the `extra` dict. Nothing is changed when anything fails."""
     arrays, meta = read(path)
-    if meta["architecture"] != _architecture(net, head):
+    saved = _saved_architecture(meta)
+    if saved != _architecture(net, head):
         raise CheckpointError(f"{path}: saved for another architecture: "
-                              f"{meta['architecture']} vs {_architecture(net, head)}")
+                              f"{saved} vs {_architecture(net, head)}")
     if meta["optimizer"]["num_params"] != len(optimizer.params):
         raise CheckpointError(f"{path}: the optimizer held {meta['optimizer']['num_params']} "
                               f"parameters, this one holds {len(optimizer.params)}")
