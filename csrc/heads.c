@@ -274,9 +274,11 @@ static void adaface_quality(ada_head *head, int N, int training)
 }
 
 /* cos(theta + m) = c cos m - sin(theta) sin m for c = cos theta in [-1, 1], and
- * (*dfdc) its slope cos m + c sin m / sin(theta) (0 when !inside, c clamped):
- * sin(theta) = sqrt(1 - c^2) with 1 - c^2 floored at 1e-12, zero gradient
- * through sin(theta) on the floor. Every ArcFace rule uses this one formula. */
+ * (*dfdc) its slope in c (0 when !inside: c was clamped). The term c cos m
+ * contributes cos m. The term -sin(theta) sin m contributes c sin m / sin(theta),
+ * since d sin(theta) / dc = -c / sin(theta). sin(theta) = sqrt(1 - c^2) with
+ * 1 - c^2 floored at 1e-12, and no gradient through it on the floor. Every
+ * ArcFace rule takes cos(theta + m) from here. */
 static float arc_margin(float cc, float m, int inside, float *dfdc)
 {
     float one_minus = 1.0f - cc * cc;
@@ -322,8 +324,9 @@ static float margin(const ada_head *head, float c, int target, float q,
             *dfdc = inside ? 1.0f : 0.0f;
             return cc;
         case ADA_MARGIN_CLIP: {
-            /* g = theta + m clipped to [eps, pi - eps]: inside, the slope of
-             * cos(theta + m); where it clips, g is a constant, so d f / d c = 0 */
+            /* g = theta + m clipped to [eps, pi - eps], eps = head->eps = 1e-3
+             * (the AdaFace paper head's): inside, the slope of cos(theta + m);
+             * where it clips, g is a constant, so d f / d c = 0 */
             int g_inside;
             float g = clampf(theta + m, head->eps, PI_F - head->eps, &g_inside);
             if (g_inside) return arc_margin(cc, m, inside, dfdc);
