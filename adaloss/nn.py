@@ -489,7 +489,12 @@ class ArcFace(_Head):
                              f"got {rule!r}")
         super().__init__(num_classes, embedding_dim, s=s, m=m, variant=variant, rng=rng)
         _core.head_set_margin(self._handle, _MARGIN_RULES[rule], 1.0, 0.0, 0.0)
-        self.rule = rule
+        self._rule = rule
+
+    @property
+    def rule(self) -> str:
+        """The margin rule, fixed at construction."""
+        return self._rule
 
     def __repr__(self) -> str:
         return (f"ArcFace(num_classes={self.num_classes}, embedding_dim={self.embedding_dim}, "
@@ -516,7 +521,12 @@ class CombinedMargin(_Head):
                 raise TypeError(f"{name}: expected a number, got {type(value).__name__}")
         super().__init__(num_classes, embedding_dim, s=s, m=0.0, rng=rng)
         _core.head_set_margin(self._handle, _core.MARGIN_FALLBACK, m1, m2, m3)
-        self.m1, self.m2, self.m3 = float(m1), float(m2), float(m3)
+        self._margins = (float(m1), float(m2), float(m3))
+
+    # the margins are fixed at construction
+    m1 = property(lambda self: self._margins[0], doc="multiplicative angular margin")
+    m2 = property(lambda self: self._margins[1], doc="additive angular margin")
+    m3 = property(lambda self: self._margins[2], doc="additive cosine margin")
 
     def __repr__(self) -> str:
         return (f"CombinedMargin(num_classes={self.num_classes}, "

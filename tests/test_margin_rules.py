@@ -364,6 +364,29 @@ def test_report_variant_keeps_the_fallback_rule():
     assert head.rule == "fallback" and "rule='fallback'" in repr(head)
 
 
+def test_settings_are_read_only():
+    """The C head holds them: an assignment that would not reach it is refused."""
+    with pytest.raises(AttributeError):
+        adaloss.ArcFace(10, 8).rule = "easy"
+    head = adaloss.CombinedMargin(10, 8, m1=1.5, m2=0.25, m3=0.125)
+    assert (head.m1, head.m2, head.m3) == (1.5, 0.25, 0.125)
+    with pytest.raises(AttributeError):
+        head.m2 = 0.0
+
+
+@pytest.mark.parametrize("rule", RULES + ["combined"])
+def test_exactly_parallel_and_opposite_vectors_stay_finite(rule):
+    """cos theta = +-1 exactly (sin theta = 0: the slope's floor)."""
+    head = make(rule, 2, 2, 64.0, margins=(2.0, 0.3, 0.1))
+    head.weight = np.array([[1.0, 0.0], [0.0, 1.0]], np.float32)
+    emb = np.array([[2.0, 0.0], [-2.0, 0.0], [0.0, 3.0], [0.0, -3.0]], np.float32)
+    loss = head.forward(emb, np.array([0, 0, 1, 1]))
+    head.zero_grad()
+    d_emb = head.backward()
+    assert np.isfinite(loss) and np.all(np.isfinite(d_emb))
+    assert np.all(np.isfinite(head.weight_grad))
+
+
 # ------------------------------------------------------------ checkpoints
 
 def _parts(head):
