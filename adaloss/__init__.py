@@ -33,6 +33,7 @@ from .nn import (  # noqa: E402
     AdaFace,
     Adam,
     ArcFace,
+    CombinedMargin,
     Conv2d,
     CosFace,
     Flatten,
@@ -76,7 +77,7 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "AdaFace", "Adam", "ArcFace", "Conv2d", "CosFace", "Flatten", "L2Normalize", "Linear",
+    "AdaFace", "Adam", "ArcFace", "CombinedMargin", "Conv2d", "CosFace", "Flatten", "L2Normalize", "Linear",
     "MaxPool2d", "NonFiniteError", "Parameter", "ReLU", "Sequential", "Softmax", "Trainer",
     "get_num_threads", "manual_seed", "set_num_threads", "__version__",
 ]

@@ -7,7 +7,8 @@ Format (version 1), one file:
     bytes 12-43  SHA-256 of the payload
     bytes 44-    payload: a NumPy .npz archive with the arrays
                  net/<name>, head/weight, adam/exp_avg, adam/exp_avg_sq and
-                 meta, a JSON string: architecture, head settings and running
+                 meta, a JSON string: architecture, head settings (ArcFace's
+                 margin rule, the combined head's m1, m2, m3) and running
                  statistics, Adam step and hyper-parameters, and whatever the
                  caller adds (epoch, RNG state, history).
 
@@ -54,11 +55,25 @@ class CheckpointError(ValueError):
 
 
 def _architecture(net: Sequential, head: _Head) -> dict:
+    settings = {"kind": head.kind, "variant": head.variant,
+                "num_classes": head.num_classes, "embedding_dim": head.embedding_dim,
+                "s": head.s, "m": head.m, "h": head.h, "t_alpha": head.t_alpha}
+    if head.kind == "ArcFace":
+        settings["rule"] = head.rule
+    elif head.kind == "CombinedMargin":
+        settings.update(m1=head.m1, m2=head.m2, m3=head.m3)
     return {"layers": [list(layer.spec()) for layer in net.layers],
-            "input_shape": list(net.input_shape),
-            "head": {"kind": head.kind, "variant": head.variant,
-                     "num_classes": head.num_classes, "embedding_dim": head.embedding_dim,
-                     "s": head.s, "m": head.m, "h": head.h, "t_alpha": head.t_alpha}}
+            "input_shape": list(net.input_shape), "head": settings}
+
+
+def _saved_architecture(arch):
+    """The saved architecture as today's code writes it: an ArcFace saved
+    before margin rules existed used the fallback rule. Anything that is not
+    the expected JSON shape is returned as it is (and fails the comparison)."""
+    head = arch.get("head") if isinstance(arch, dict) else None
+    if isinstance(head, dict) and head.get("kind") == "ArcFace" and "rule" not in head:
+        arch = {**arch, "head": {**head, "rule": "fallback"}}
+    return arch
 
 
 STALE_TEMP_SECONDS = 60
@@ -123,12 +138,14 @@ def _read_file(path: Path, max_bytes: int) -> bytes:
     except OSError as exc:
         raise CheckpointError(f"{path}: cannot read ({exc})") from exc
     with os.fdopen(fd, "rb") as fh:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
             raise CheckpointError(f"{path}: not a regular file (a device, FIFO or socket); a "
                                   "checkpoint is a regular file written by checkpoint.save")
         try:
-            data = fh.read(max_bytes + 1)
+            # never ask for more than the file holds: read() asks for a buffer
+            # of that size up front, and max_bytes may be far beyond memory
+            data = fh.read(min(max_bytes, info.st_size) + 1)
         except OSError as exc:
             raise CheckpointError(f"{path}: cannot read ({exc})") from exc
     if len(data) > max_bytes:
@@ -216,9 +233,11 @@ def read(path, expected: dict | None = None, max_bytes: int = MAX_FILE_BYTES,
         raise CheckpointError(f"{path}: meta: not valid JSON ({exc})") from exc
     if not isinstance(meta, dict):
         raise CheckpointError(f"{path}: meta: expected a JSON object, got {type(meta).__name__}")
-    if architecture is not None and _field(path, meta, "architecture") != architecture:
-        raise CheckpointError(f"{path}: saved for another architecture: "
-                              f"{meta['architecture']} vs {architecture}")
+    if architecture is not None:
+        saved = _saved_architecture(_field(path, meta, "architecture"))
+        if saved != architecture:
+            raise CheckpointError(f"{path}: saved for another architecture: "
+                                  f"{saved} vs {architecture}")
     if expected is not None:
         unexpected = sorted(set(members) - set(expected))
         missing = sorted(set(expected) - set(members))

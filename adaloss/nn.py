@@ -18,9 +18,13 @@ from . import _core
 _CONV, _RELU, _POOL = _core.LAYER_CONV2D, _core.LAYER_RELU, _core.LAYER_MAXPOOL2D
 _FLATTEN, _LINEAR, _L2NORM = _core.LAYER_FLATTEN, _core.LAYER_LINEAR, _core.LAYER_L2NORM
 _HEAD_KINDS = {"Softmax": _core.HEAD_SOFTMAX, "CosFace": _core.HEAD_COSFACE,
-               "ArcFace": _core.HEAD_ARCFACE, "AdaFace": _core.HEAD_ADAFACE}
+               "ArcFace": _core.HEAD_ARCFACE, "AdaFace": _core.HEAD_ADAFACE,
+               "CombinedMargin": _core.HEAD_COMBINED}
 _VARIANTS = {"paper": _core.VARIANT_PAPER, "report": _core.VARIANT_REPORT}
 _RULES = {"plain": _core.RULE_PLAIN, "report": _core.RULE_REPORT}
+# ArcFace's margin rules near theta + m = pi (adaloss.h, ada_margin_rule)
+_MARGIN_RULES = {"fallback": _core.MARGIN_FALLBACK, "easy": _core.MARGIN_EASY,
+                 "clip": _core.MARGIN_CLIP, "straight-through": _core.MARGIN_STRAIGHT_THROUGH}
 
 _rng = np.random.default_rng()
 
@@ -477,13 +481,74 @@ class CosFace(_Head):
 
 class ArcFace(_Head):
     """ArcFace (Deng et al. 2019): s cos(theta_y + m). variant='report' is the
-    report's unnormalised s (clamp(e . w, -1, 1) - m)."""
+    report's unnormalised s (clamp(e . w, -1, 1) - m).
+
+    ``rule`` (paper variant only) says what the target becomes where theta + m
+    nears or passes pi:
+
+    - ``"fallback"`` (default, insightface's original): cos(theta + m) where
+      cos theta > cos(pi - m), else cos theta - m sin m;
+    - ``"easy"`` (insightface's easy_margin): cos(theta + m) where cos theta > 0,
+      else cos theta;
+    - ``"clip"`` (as the AdaFace code clips its angle): cos(clip(theta + m, eps,
+      pi - eps)) with eps = 1e-3, no gradient where it clips;
+    - ``"straight-through"`` (insightface's arcface_torch): the value
+      cos(theta + m), the gradient of cos theta (the margin has no gradient).
+    """
 
     _kind = "ArcFace"
 
     def __init__(self, num_classes: int, embedding_dim: int, s: float = 64.0, m: float = 0.5,
-                 variant: str = "paper", rng: np.random.Generator | None = None):
+                 variant: str = "paper", rng: np.random.Generator | None = None,
+                 rule: str = "fallback"):
+        if not isinstance(rule, str) or rule not in _MARGIN_RULES:
+            raise ValueError(f"rule: expected one of {', '.join(map(repr, _MARGIN_RULES))}, "
+                             f"got {rule!r}")
         super().__init__(num_classes, embedding_dim, s=s, m=m, variant=variant, rng=rng)
+        _core.head_set_margin(self._handle, _MARGIN_RULES[rule], 1.0, 0.0, 0.0)
+        self._rule = rule
+
+    @property
+    def rule(self) -> str:
+        """The margin rule, fixed at construction."""
+        return self._rule
+
+    def __repr__(self) -> str:
+        return (f"ArcFace(num_classes={self.num_classes}, embedding_dim={self.embedding_dim}, "
+                f"s={self.s}, m={self.m}, variant={self.variant!r}, rule={self.rule!r})")
+
+
+class CombinedMargin(_Head):
+    """insightface's combined margin: target logit s (cos(m1 theta_y + m2) - m3),
+    other logits s cos theta_j. (1, m, 0) is ArcFace, (1, 0, m) CosFace,
+    (m1 > 1, 0, 0) SphereFace-like; mixes such as (1, 0.3, 0.2) are allowed.
+
+    Where m1 theta + m2 passes pi the target continues as SphereFace's psi,
+    (-1)^k cos(m1 theta + m2) - 2k - m3 with k = floor((m1 theta + m2) / pi), so it
+    keeps decreasing with theta (insightface's code lets the cosine rise again).
+    Ranges (checked by the C core): m1 in (0, 10], m2 and m3 in [0, pi].
+    """
+
+    _kind = "CombinedMargin"
+
+    def __init__(self, num_classes: int, embedding_dim: int, s: float = 64.0, m1: float = 1.0,
+                 m2: float = 0.5, m3: float = 0.0, rng: np.random.Generator | None = None):
+        for name, value in (("m1", m1), ("m2", m2), ("m3", m3)):
+            if not isinstance(value, numbers.Real) or isinstance(value, bool):
+                raise TypeError(f"{name}: expected a number, got {type(value).__name__}")
+        super().__init__(num_classes, embedding_dim, s=s, m=0.0, rng=rng)
+        _core.head_set_margin(self._handle, _core.MARGIN_FALLBACK, m1, m2, m3)
+        self._margins = (float(m1), float(m2), float(m3))
+
+    # the margins are fixed at construction
+    m1 = property(lambda self: self._margins[0], doc="multiplicative angular margin")
+    m2 = property(lambda self: self._margins[1], doc="additive angular margin")
+    m3 = property(lambda self: self._margins[2], doc="additive cosine margin")
+
+    def __repr__(self) -> str:
+        return (f"CombinedMargin(num_classes={self.num_classes}, "
+                f"embedding_dim={self.embedding_dim}, s={self.s}, m1={self.m1}, m2={self.m2}, "
+                f"m3={self.m3})")
 
 
 class AdaFace(_Head):
@@ -684,9 +749,16 @@ def _reduce_sequential(net: Sequential):
 
 
 def _rebuild_head(cls: type, config: dict, weight: np.ndarray, weight_grad: np.ndarray,
-                  training: bool, stats: tuple | None) -> _Head:
+                  training: bool, stats: tuple | None, margin: tuple | None = None) -> _Head:
     head = cls.__new__(cls)
     _Head.__init__(head, **config, rng=np.random.default_rng(0))
+    if margin is not None:   # (rule, m1, m2, m3): ArcFace's rule, CombinedMargin's margins
+        rule, m1, m2, m3 = margin
+        _core.head_set_margin(head._handle, _MARGIN_RULES[rule], m1, m2, m3)
+        if isinstance(head, ArcFace):
+            head._rule = rule
+        else:
+            head._margins = (m1, m2, m3)
     head.weight = weight
     head.weight_grad[...] = weight_grad
     head.training = training
@@ -699,8 +771,13 @@ def _reduce_head(head: _Head):
     config = {"num_classes": head.num_classes, "embedding_dim": head.embedding_dim, "s": head.s,
               "m": head.m, "h": head.h, "t_alpha": head.t_alpha, "variant": head.variant}
     stats = (head.running_mean, head.running_std) if isinstance(head, AdaFace) else None
+    margin = None
+    if isinstance(head, ArcFace):
+        margin = (head.rule, 1.0, 0.0, 0.0)
+    elif isinstance(head, CombinedMargin):
+        margin = ("fallback", head.m1, head.m2, head.m3)
     return (_rebuild_head, (type(head), config, head.weight.copy(), head.weight_grad.copy(),
-                            head.training, stats))
+                            head.training, stats, margin))
 
 
 def _reduce_adam(optimizer: Adam):

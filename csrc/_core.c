@@ -580,6 +580,22 @@ static PyObject *py_head_set_stats(PyObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
+static PyObject *py_head_set_margin(PyObject *self, PyObject *args)
+{
+    PyObject *cap;
+    int rule;
+    float m1, m2, m3;
+    if (!PyArg_ParseTuple(args, "Oifff:head_set_margin", &cap, &rule, &m1, &m2, &m3))
+        return NULL;
+    holder *hd = acquire(cap, HOLD_HEAD, "head");
+    if (!hd) return NULL;
+    ada_error err = {""};
+    ada_status st = ada_head_set_margin(hd->obj, rule, m1, m2, m3, &err);
+    release(hd);
+    if (st != ADA_OK) return raise_status(st, &err);
+    Py_RETURN_NONE;
+}
+
 /* ------------------------------------------------------------ adam */
 
 static PyObject *py_adam_create(PyObject *self, PyObject *args)
@@ -785,6 +801,8 @@ static PyMethodDef methods[] = {
     {"head_logits", py_head_logits, METH_VARARGS, "head_logits(head, emb, labels|None, rule) -> logits"},
     {"head_state", py_head_state, METH_VARARGS, "head_state(head) -> dict"},
     {"head_set_stats", py_head_set_stats, METH_VARARGS, "head_set_stats(head, mean, std)"},
+    {"head_set_margin", py_head_set_margin, METH_VARARGS,
+     "head_set_margin(head, rule, m1, m2, m3)"},
     {"adam_create", py_adam_create, METH_VARARGS, "adam_create([(data, grad)], lr, b1, b2, eps, wd)"},
     {"adam_step", py_adam_step, METH_VARARGS, "adam_step(adam)"},
     {"adam_zero_grad", py_adam_zero_grad, METH_VARARGS, "adam_zero_grad(adam)"},
@@ -819,6 +837,10 @@ PyMODINIT_FUNC PyInit__core(void)
         {"ENONFINITE", ADA_ENONFINITE}, {"ESTATE", ADA_ESTATE},
         {"HEAD_SOFTMAX", ADA_HEAD_SOFTMAX}, {"HEAD_COSFACE", ADA_HEAD_COSFACE},
         {"HEAD_ARCFACE", ADA_HEAD_ARCFACE}, {"HEAD_ADAFACE", ADA_HEAD_ADAFACE},
+        {"HEAD_COMBINED", ADA_HEAD_COMBINED},
+        {"MARGIN_FALLBACK", ADA_MARGIN_FALLBACK}, {"MARGIN_EASY", ADA_MARGIN_EASY},
+        {"MARGIN_CLIP", ADA_MARGIN_CLIP},
+        {"MARGIN_STRAIGHT_THROUGH", ADA_MARGIN_STRAIGHT_THROUGH},
         {"VARIANT_PAPER", ADA_VARIANT_PAPER}, {"VARIANT_REPORT", ADA_VARIANT_REPORT},
         {"RULE_PLAIN", ADA_RULE_PLAIN}, {"RULE_REPORT", ADA_RULE_REPORT},
         {"LAYER_CONV2D", ADA_LAYER_CONV2D}, {"LAYER_RELU", ADA_LAYER_RELU},

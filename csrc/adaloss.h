@@ -155,14 +155,30 @@ int ada_all_finite(const float *x, size_t n);
 
 /* ----------------------------------------------------------------- heads */
 typedef enum { ADA_HEAD_SOFTMAX = 0, ADA_HEAD_COSFACE = 1,
-               ADA_HEAD_ARCFACE = 2, ADA_HEAD_ADAFACE = 3 } ada_head_kind;
+               ADA_HEAD_ARCFACE = 2, ADA_HEAD_ADAFACE = 3,
+               ADA_HEAD_COMBINED = 4 } ada_head_kind;
 typedef enum { ADA_VARIANT_PAPER = 0, ADA_VARIANT_REPORT = 1 } ada_head_variant;
 typedef enum { ADA_RULE_PLAIN = 0, ADA_RULE_REPORT = 1 } ada_eval_rule;
+/* The paper ArcFace's target logit s f(c), c = cos theta, theta in [0, pi]:
+ *   FALLBACK          cos(theta + m) where c > cos(pi - m), else c - m sin m
+ *                     (insightface's original code; the default)
+ *   EASY              cos(theta + m) where c > 0, else c (insightface easy_margin)
+ *   CLIP              cos(clip(theta + m, eps, pi - eps)), eps = the head's eps
+ *                     (1e-3, as the AdaFace paper head); zero gradient where it clips
+ *   STRAIGHT_THROUGH  value cos(theta + m), gradient that of c (d f / d c = 1: the
+ *                     margin is added without gradient, as insightface's arcface_torch)
+ * The combined-margin head (ADA_HEAD_COMBINED) has no rule: its target is
+ * cos(m1 theta + m2) - m3, continued past m1 theta + m2 = pi as SphereFace's
+ * psi (see heads.c). */
+typedef enum { ADA_MARGIN_FALLBACK = 0, ADA_MARGIN_EASY = 1, ADA_MARGIN_CLIP = 2,
+               ADA_MARGIN_STRAIGHT_THROUGH = 3 } ada_margin_rule;
 
 typedef struct ada_head {
     int kind, variant;
     int num_classes, embedding_dim;
     float s, m, h, t_alpha, eps;
+    int margin_rule;                      /* ada_margin_rule, paper ArcFace only */
+    float m1, m2, m3;                     /* combined-margin head only */
     int normalize_embedding, normalize_weight;
     float *weight, *weight_grad;          /* (C, D) each, in one arena */
     float running_mean, running_std;      /* AdaFace paper only */
@@ -181,7 +197,9 @@ typedef struct ada_head {
 
 /* kind and variant as the enums above; 1 <= num_classes, embedding_dim <=
  * ADA_MAX_DIM with at most ADA_MAX_HEAD_WEIGHTS weights; finite s in (0, 1e4]
- * (ignored by softmax), m in [0, pi], h in [0, 1e3], t_alpha in [0, 1]. */
+ * (ignored by softmax), m in [0, pi] (ignored by the combined head), h in
+ * [0, 1e3], t_alpha in [0, 1]. The head starts with rule FALLBACK and
+ * (m1, m2, m3) = (1, 0, 0); ada_head_set_margin changes them. */
 ada_status ada_head_create(ada_head **head, int kind, int variant, int num_classes,
                            int embedding_dim, float s, float m, float h, float t_alpha,
                            ada_error *err);
@@ -189,6 +207,11 @@ void ada_head_free(ada_head *head);
 /* caches for batches of up to N examples */
 ada_status ada_head_reserve(ada_head *head, int N, ada_error *err);
 void ada_head_zero_grad(ada_head *head);
+/* the margin rule (ada_margin_rule; other than FALLBACK for the paper ArcFace
+ * only) and the combined head's margins: finite m1 in (0, 10], m2 in [0, pi],
+ * m3 in [0, pi]; other kinds take (1, 0, 0). Applies from the next forward. */
+ada_status ada_head_set_margin(ada_head *head, int rule, float m1, float m2, float m3,
+                               ada_error *err);
 /* AdaFace running statistics: finite mean, finite std >= 0 */
 ada_status ada_head_set_running_stats(ada_head *head, float mean, float std, ada_error *err);
 /* 0 when every label is in [0, num_classes), else ADA_EINVAL naming the first

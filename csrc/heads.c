@@ -1,6 +1,8 @@
 /* heads.c: the loss heads. Softmax (linear classifier + cross-entropy),
  * CosFace, ArcFace and AdaFace, the last two in a "paper" and a "report"
- * variant (DESIGN.md gives every formula).
+ * variant (DESIGN.md gives every formula), and the combined margin
+ * cos(m1 theta + m2) - m3. The paper ArcFace has four rules for theta + m
+ * near pi (ada_margin_rule in adaloss.h).
  *
  * All heads share one shape:
  *   a = e or e/||e||,  w_j = W_j or W_j/||W_j||,   c = a w^T          (N, C)
@@ -27,9 +29,9 @@ ada_status ada_head_create(ada_head **out, int kind, int variant, int num_classe
                            ada_error *err)
 {
     *out = NULL;
-    if (kind < ADA_HEAD_SOFTMAX || kind > ADA_HEAD_ADAFACE)
+    if (kind < ADA_HEAD_SOFTMAX || kind > ADA_HEAD_COMBINED)
         return ada_fail(err, ADA_EINVAL, "kind: expected %d..%d (softmax, cosface, arcface, "
-                        "adaface), got %d", ADA_HEAD_SOFTMAX, ADA_HEAD_ADAFACE, kind);
+                        "adaface, combined), got %d", ADA_HEAD_SOFTMAX, ADA_HEAD_COMBINED, kind);
     if (variant != ADA_VARIANT_PAPER && variant != ADA_VARIANT_REPORT)
         return ada_fail(err, ADA_EINVAL, "variant: expected %d (paper) or %d (report), got %d",
                         ADA_VARIANT_PAPER, ADA_VARIANT_REPORT, variant);
@@ -67,6 +69,8 @@ ada_status ada_head_create(ada_head **out, int kind, int variant, int num_classe
     head->h = h;
     head->t_alpha = t_alpha;
     head->eps = 1e-3f;
+    head->margin_rule = ADA_MARGIN_FALLBACK;
+    head->m1 = 1.0f;
     head->running_mean = 20.0f;
     head->running_std = 100.0f;
     /* the report's ArcFace normalises nothing; softmax is a plain classifier */
@@ -123,6 +127,39 @@ ada_status ada_head_reserve(ada_head *head, int N, ada_error *err)
 void ada_head_zero_grad(ada_head *head)
 {
     memset(head->weight_grad, 0, sizeof(float) * head->num_classes * head->embedding_dim);
+}
+
+ada_status ada_head_set_margin(ada_head *head, int rule, float m1, float m2, float m3,
+                               ada_error *err)
+{
+    if (rule < ADA_MARGIN_FALLBACK || rule > ADA_MARGIN_STRAIGHT_THROUGH)
+        return ada_fail(err, ADA_EINVAL, "rule: expected %d..%d (fallback, easy, clip, "
+                        "straight-through), got %d", ADA_MARGIN_FALLBACK,
+                        ADA_MARGIN_STRAIGHT_THROUGH, rule);
+    if (rule != ADA_MARGIN_FALLBACK &&
+        !(head->kind == ADA_HEAD_ARCFACE && head->variant == ADA_VARIANT_PAPER))
+        return ada_fail(err, ADA_EINVAL, "rule: only the paper ArcFace (kind %d, variant %d) "
+                        "has margin rules other than %d (fallback), got rule %d for kind %d, "
+                        "variant %d", ADA_HEAD_ARCFACE, ADA_VARIANT_PAPER, ADA_MARGIN_FALLBACK,
+                        rule, head->kind, head->variant);
+    if (!in_range(m1, 0.0f, 10.0f, 1))
+        return ada_fail(err, ADA_EINVAL, "m1: expected a finite number in (0, 10], got %g",
+                        (double)m1);
+    if (!in_range(m2, 0.0f, PI_F, 0))
+        return ada_fail(err, ADA_EINVAL, "m2: expected a finite number in [0, pi], got %g",
+                        (double)m2);
+    if (!in_range(m3, 0.0f, PI_F, 0))
+        return ada_fail(err, ADA_EINVAL, "m3: expected a finite number in [0, pi], got %g",
+                        (double)m3);
+    if (head->kind != ADA_HEAD_COMBINED && (m1 != 1.0f || m2 != 0.0f || m3 != 0.0f))
+        return ada_fail(err, ADA_EINVAL, "m1, m2, m3: only the combined head (kind %d) uses "
+                        "them; expected (1, 0, 0) for kind %d, got (%g, %g, %g)",
+                        ADA_HEAD_COMBINED, head->kind, (double)m1, (double)m2, (double)m3);
+    head->margin_rule = rule;
+    head->m1 = m1;
+    head->m2 = m2;
+    head->m3 = m3;
+    return ADA_OK;
 }
 
 ada_status ada_head_set_running_stats(ada_head *head, float mean, float std, ada_error *err)
@@ -236,6 +273,22 @@ static void adaface_quality(ada_head *head, int N, int training)
     }
 }
 
+/* cos(theta + m) = c cos m - sin(theta) sin m for c = cos theta in [-1, 1], and
+ * (*dfdc) its slope in c (0 when !inside: c was clamped). The term c cos m
+ * contributes cos m. The term -sin(theta) sin m contributes c sin m / sin(theta),
+ * since d sin(theta) / dc = -c / sin(theta). sin(theta) = sqrt(1 - c^2) with
+ * 1 - c^2 floored at 1e-12, and no gradient through it on the floor. Every
+ * ArcFace rule takes cos(theta + m) from here. */
+static float arc_margin(float cc, float m, int inside, float *dfdc)
+{
+    float one_minus = 1.0f - cc * cc;
+    int floored = !(one_minus > 1e-12f);
+    float sine = sqrtf(floored ? 1e-12f : one_minus);
+    float value = cc * cosf(m) - sine * sinf(m);
+    *dfdc = inside ? cosf(m) + (floored ? 0.0f : cc * sinf(m) / sine) : 0.0f;
+    return value;
+}
+
 /* f(c) and df/dc for one cosine; `target` says whether j == y_i */
 static float margin(const ada_head *head, float c, int target, float q,
                     float *dfdc, float *angle)
@@ -260,22 +313,69 @@ static float margin(const ada_head *head, float c, int target, float q,
             return target ? cc - m : cc;
         }
         if (!target) { *dfdc = inside ? 1.0f : 0.0f; return cc; }
-        /* Deng et al. 2019, Eq. 3: cos(theta + m) = c cos m - sin(theta) sin m,
-         * so d/dc = cos m + c sin m / sin(theta); sin(theta) = sqrt(1 - c^2)
-         * with 1 - c^2 floored at 1e-12 (zero gradient on the floor). Past
-         * theta > pi - m the target falls back to c - m sin m (slope 1). */
-        *angle = acosf(cc);
-        float threshold = cosf(PI_F - m);
-        if (cc > threshold) {
-            float one_minus = 1.0f - cc * cc;
-            int floored = !(one_minus > 1e-12f);
-            float sine = sqrtf(floored ? 1e-12f : one_minus);
-            float value = cc * cosf(m) - sine * sinf(m);
-            *dfdc = inside ? cosf(m) + (floored ? 0.0f : cc * sinf(m) / sine) : 0.0f;
+        /* Deng et al. 2019, Eq. 3: cos(theta + m), value and slope from
+         * arc_margin; the rules differ only where theta + m nears or passes pi. */
+        float theta = acosf(cc);
+        *angle = theta;
+        switch (head->margin_rule) {
+        case ADA_MARGIN_EASY:
+            /* cos(theta + m) for c > 0 (theta < pi/2), else c itself (slope 1) */
+            if (cc > 0.0f) return arc_margin(cc, m, inside, dfdc);
+            *dfdc = inside ? 1.0f : 0.0f;
+            return cc;
+        case ADA_MARGIN_CLIP: {
+            /* g = theta + m clipped to [eps, pi - eps], eps = head->eps = 1e-3
+             * (the AdaFace paper head's): inside, the slope of cos(theta + m);
+             * where it clips, g is a constant, so d f / d c = 0 */
+            int g_inside;
+            float g = clampf(theta + m, head->eps, PI_F - head->eps, &g_inside);
+            if (g_inside) return arc_margin(cc, m, inside, dfdc);
+            *dfdc = 0.0f;
+            return cosf(g);
+        }
+        case ADA_MARGIN_STRAIGHT_THROUGH: {
+            /* the value cos(theta + m) for every theta (it rises again past
+             * pi - m); the margin carries no gradient, so d f / d c = 1 (the
+             * clamp's mask aside) */
+            float unused;
+            float value = arc_margin(cc, m, inside, &unused);
+            *dfdc = inside ? 1.0f : 0.0f;
             return value;
         }
-        *dfdc = inside ? 1.0f : 0.0f;
-        return cc - m * sinf(m);
+        case ADA_MARGIN_FALLBACK: default: {
+            /* past theta > pi - m the target falls back to c - m sin m (slope 1) */
+            float threshold = cosf(PI_F - m);
+            if (cc > threshold) return arc_margin(cc, m, inside, dfdc);
+            *dfdc = inside ? 1.0f : 0.0f;
+            return cc - m * sinf(m);
+        }
+        }
+    }
+    case ADA_HEAD_COMBINED: {
+        float cc = clampf(c, -1.0f, 1.0f, &inside);
+        if (!target) { *dfdc = inside ? 1.0f : 0.0f; return cc; }
+        /* cos(m1 theta + m2) - m3 (insightface's combined margin). Past
+         * g = m1 theta + m2 > pi a plain cosine would rise again (the target
+         * logit would grow with theta); we continue it as SphereFace's psi
+         * (Liu et al. 2017, Sec. 3.3): with k = floor(g / pi),
+         *   f = (-1)^k cos(g) - 2k - m3,
+         * continuous at every g = k pi and decreasing in theta. It equals the
+         * plain formula wherever g <= pi. Slope: d g / d theta = m1,
+         * d theta / d c = -1 / sin(theta), d ((-1)^k cos g) / d g =
+         * -(-1)^k sin g, so d f / d c = (-1)^k m1 sin(g) / sin(theta) >= 0.
+         * sin(theta) = sqrt((1 - c)(1 + c)); at c = +-1 exactly (sin(theta) =
+         * 0) the slope is its limit m1^2 where finite (theta = 0 with m2 = 0),
+         * else 0, as ArcFace's floor. */
+        float theta = acosf(cc);
+        *angle = theta;
+        float g = head->m1 * theta + head->m2;
+        float k = floorf(g / PI_F);
+        float sign = fmodf(k, 2.0f) == 0.0f ? 1.0f : -1.0f;
+        float sine = sqrtf((1.0f - cc) * (1.0f + cc));
+        if (!inside) *dfdc = 0.0f;
+        else if (sine > 0.0f) *dfdc = sign * head->m1 * sinf(g) / sine;
+        else *dfdc = (cc > 0.0f && head->m2 == 0.0f) ? head->m1 * head->m1 : 0.0f;
+        return sign * cosf(g) - 2.0f * k - head->m3;
     }
     case ADA_HEAD_ADAFACE: default: {
         int report = head->variant == ADA_VARIANT_REPORT;
@@ -400,7 +500,8 @@ ada_status ada_head_logits(ada_head *head, float *logits, const float *emb,
     int inside;
     for (size_t i = 0; i < (size_t)N * C; i++) {
         float c = head->cosine[i];
-        if (head->kind == ADA_HEAD_ARCFACE) c = clampf(c, -1.0f, 1.0f, &inside);
+        if (head->kind == ADA_HEAD_ARCFACE || head->kind == ADA_HEAD_COMBINED)
+            c = clampf(c, -1.0f, 1.0f, &inside);
         else if (head->kind == ADA_HEAD_ADAFACE) {
             float lim = head->variant == ADA_VARIANT_REPORT ? 0.9999f : 1.0f - head->eps;
             c = clampf(c, -lim, lim, &inside);

@@ -9,9 +9,12 @@ from adaloss import _core
 
 
 def test_enums_are_exported_by_the_extension():
-    assert [_core.HEAD_SOFTMAX, _core.HEAD_COSFACE, _core.HEAD_ARCFACE,
-            _core.HEAD_ADAFACE] == sorted({_core.HEAD_SOFTMAX, _core.HEAD_COSFACE,
-                                           _core.HEAD_ARCFACE, _core.HEAD_ADAFACE})
+    kinds = [_core.HEAD_SOFTMAX, _core.HEAD_COSFACE, _core.HEAD_ARCFACE, _core.HEAD_ADAFACE,
+             _core.HEAD_COMBINED]
+    assert kinds == sorted(set(kinds))
+    rules = [_core.MARGIN_FALLBACK, _core.MARGIN_EASY, _core.MARGIN_CLIP,
+             _core.MARGIN_STRAIGHT_THROUGH]
+    assert rules == sorted(set(rules)) and _core.MARGIN_FALLBACK == 0
     assert _core.VARIANT_PAPER != _core.VARIANT_REPORT
     assert _core.RULE_PLAIN != _core.RULE_REPORT
     layers = [_core.LAYER_CONV2D, _core.LAYER_RELU, _core.LAYER_MAXPOOL2D,
@@ -27,8 +30,8 @@ def test_enums_are_exported_by_the_extension():
 
 def test_bad_head_kind_is_a_value_error_naming_the_argument():
     # it used to surface as a bare MemoryError
-    for kind in (-1, 4, 99):
-        with pytest.raises(ValueError, match=r"kind: expected 0\.\.3.*got %d" % kind):
+    for kind in (-1, 5, 99):
+        with pytest.raises(ValueError, match=r"kind: expected 0\.\.4.*got %d" % kind):
             _core.head_create(kind, 0, 10, 8, 1.0, 0.0, 0.3, 0.01)
     with pytest.raises(ValueError, match=r"variant: expected .* got 2"):
         _core.head_create(_core.HEAD_ARCFACE, 2, 10, 8, 1.0, 0.0, 0.3, 0.01)

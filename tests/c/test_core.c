@@ -184,6 +184,77 @@ static void test_heads(void)
         }
 }
 
+/* the ArcFace margin rules and the combined head: validation, one forward and
+ * backward each on targets spread over (0, pi) (so theta + m passes pi), and
+ * central differences where the gradient is that of the forward value */
+static void test_margin_rules(void)
+{
+    int N = 8, C = 4, D = 5;
+    ada_error err = {""};
+    for (int rule = -1; rule <= ADA_MARGIN_STRAIGHT_THROUGH + 2; rule++) {
+        int combined = rule == ADA_MARGIN_STRAIGHT_THROUGH + 1;
+        int bad = rule < 0 || rule == ADA_MARGIN_STRAIGHT_THROUGH + 2;
+        ada_head *head;
+        CHECK(ada_head_create(&head, combined ? ADA_HEAD_COMBINED : ADA_HEAD_ARCFACE, 0, C, D,
+                              4.0f, 0.5f, 0.333f, 0.01f, &err) == ADA_OK, "create: %s", err.msg);
+        ada_status st = combined ? ada_head_set_margin(head, 0, 1.5f, 0.3f, 0.2f, &err)
+                                 : ada_head_set_margin(head, rule, 1.0f, 0.0f, 0.0f, &err);
+        if (bad) {
+            CHECK(st == ADA_EINVAL && strstr(err.msg, "rule: expected 0..3") &&
+                  head->margin_rule == ADA_MARGIN_FALLBACK, "bad rule %d: %s", rule, err.msg);
+            ada_head_free(head);
+            continue;
+        }
+        CHECK(st == ADA_OK, "rule %d: %s", rule, err.msg);
+        for (size_t i = 0; i < (size_t)C * D; i++) head->weight[i] = frand();
+        int64_t labels[8] = {0, 1, 2, 3, 0, 1, 2, 3};
+        float *emb = randn((size_t)N * D);
+        for (int n = 0; n < N; n++)   /* e = t w_y + noise, t from +1 to -1 */
+            for (int d = 0; d < D; d++)
+                emb[n * D + d] = (1.0f - 2.0f * n / (N - 1)) * head->weight[labels[n] * D + d] +
+                                 0.3f * emb[n * D + d];
+        float loss, demb[40];
+        CHECK(ada_head_forward(head, &loss, emb, labels, N, 1, &err) == ADA_OK && isfinite(loss),
+              "rule %d forward: %s", rule, err.msg);
+        ada_head_zero_grad(head);
+        CHECK(ada_head_backward(head, demb, 1, &err) == ADA_OK &&
+              ada_all_finite(demb, (size_t)N * D) &&
+              ada_all_finite(head->weight_grad, (size_t)C * D), "rule %d backward", rule);
+        if (rule != ADA_MARGIN_STRAIGHT_THROUGH) {
+            float h = 1e-3f, worst = 0;
+            for (int i = 0; i < N * D; i++) {
+                float old = emb[i], up, dn;
+                emb[i] = old + h; ada_head_forward(head, &up, emb, labels, N, 0, NULL);
+                emb[i] = old - h; ada_head_forward(head, &dn, emb, labels, N, 0, NULL);
+                emb[i] = old;
+                worst = fmaxf(worst, fabsf((up - dn) / (2 * h) - demb[i]));
+            }
+            CHECK(worst < 0.05f * max_abs(demb, (size_t)N * D) + 1e-3f, "rule %d demb (%g)", rule,
+                  worst);
+        }
+        free(emb);
+        ada_head_free(head);
+    }
+    ada_head *head;
+    CHECK(ada_head_create(&head, ADA_HEAD_ARCFACE, ADA_VARIANT_REPORT, C, D, 4.0f, 0.5f, 0.3f,
+                          0.01f, &err) == ADA_OK, "report head");
+    CHECK(ada_head_set_margin(head, ADA_MARGIN_EASY, 1.0f, 0.0f, 0.0f, &err) == ADA_EINVAL &&
+          strstr(err.msg, "rule: only the paper ArcFace"), "rule on the report head: %s", err.msg);
+    CHECK(ada_head_set_margin(head, ADA_MARGIN_FALLBACK, 2.0f, 0.0f, 0.0f, &err) == ADA_EINVAL &&
+          strstr(err.msg, "m1, m2, m3: only the combined head"), "m1 on ArcFace: %s", err.msg);
+    ada_head_free(head);
+    CHECK(ada_head_create(&head, ADA_HEAD_COMBINED, 0, C, D, 4.0f, 0.0f, 0.3f, 0.01f, &err) ==
+          ADA_OK, "combined head");
+    CHECK(ada_head_set_margin(head, 0, 0.0f, 0.5f, 0.0f, &err) == ADA_EINVAL &&
+          strstr(err.msg, "m1: expected a finite number in (0, 10], got 0"), "m1: %s", err.msg);
+    CHECK(ada_head_set_margin(head, 0, 1.0f, NAN, 0.0f, &err) == ADA_EINVAL &&
+          strstr(err.msg, "m2: expected a finite number"), "m2: %s", err.msg);
+    CHECK(ada_head_set_margin(head, 0, 1.0f, 0.5f, INFINITY, &err) == ADA_EINVAL &&
+          strstr(err.msg, "m3: expected a finite number"), "m3: %s", err.msg);
+    CHECK(head->m1 == 1.0f && head->m2 == 0.0f && head->m3 == 0.0f, "rejected margins change nothing");
+    ada_head_free(head);
+}
+
 static void test_adam(void)
 {
     float p[3] = {1, 2, 3}, g[3] = {0.5f, -0.5f, 0}, *pp = p, *gp = g;
@@ -200,7 +271,7 @@ static void test_errors(void)
     ada_error err = {""};
     ada_head *head = (ada_head *)&err;   /* must be reset to NULL on failure */
     CHECK(ada_head_create(&head, 7, 0, 4, 8, 1.0f, 0.0f, 0.3f, 0.01f, &err) == ADA_EINVAL &&
-          head == NULL && strstr(err.msg, "kind: expected 0..3") && strstr(err.msg, "got 7"),
+          head == NULL && strstr(err.msg, "kind: expected 0..4") && strstr(err.msg, "got 7"),
           "bad head kind: %s", err.msg);
     CHECK(ada_head_create(&head, ADA_HEAD_ARCFACE, 0, 4, 8, NAN, 0.5f, 0.3f, 0.01f, &err) == ADA_EINVAL &&
           strstr(err.msg, "s: expected a finite number in (0, 10000]"), "bad s: %s", err.msg);
@@ -315,6 +386,7 @@ int main(void)
     test_conv(1, 0);
     test_pool();
     test_heads();
+    test_margin_rules();
     test_adam();
     test_net();
     test_errors();
