@@ -50,7 +50,11 @@ from .nn import (  # noqa: E402
 
 
 def set_num_threads(num_threads: int) -> None:
-    """Number of threads the C core uses (default: the machine's cores)."""
+    """Number of threads the C core uses (default: the machine's cores), 1 to
+    ``adaloss._core.MAX_THREADS``. A call already running keeps the count it
+    started with. In a process forked after the core ran threads (OpenMP's
+    thread pool does not survive fork) the count is 1 and more raises
+    RuntimeError: start such workers with the 'spawn' or 'forkserver' method."""
     if not isinstance(num_threads, int) or isinstance(num_threads, bool):
         raise TypeError(f"num_threads: expected an int, got {type(num_threads).__name__}")
     _core.set_num_threads(num_threads)

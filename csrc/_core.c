@@ -343,18 +343,17 @@ static PyObject *py_net_forward(PyObject *self, PyObject *args)
     int N = (int)PyArray_DIM(x, 0);
     npy_intp dims[2] = { N, (npy_intp)net->out_size };
     out = PyArray_SimpleNew(2, dims, NPY_FLOAT32);
-    if (!out || N == 0) goto done;   /* an empty batch embeds to an empty array */
+    if (!out) goto fail;
     ada_status st;
     ada_error err = {""};
     const float *y = NULL;
     Py_BEGIN_ALLOW_THREADS
     st = ada_net_forward(net, &y, is_u8 ? NULL : PyArray_DATA(x),
-                         is_u8 ? PyArray_DATA(x) : NULL, N, &err);
-    if (st == ADA_OK)
+                         is_u8 ? PyArray_DATA(x) : NULL, N, ada_get_num_threads(), &err);
+    if (st == ADA_OK && N > 0)
         memcpy(PyArray_DATA((PyArrayObject *)out), y, sizeof(float) * (size_t)N * net->out_size);
     Py_END_ALLOW_THREADS
     if (st != ADA_OK) { raise_status(st, &err); goto fail; }
-done:
     Py_DECREF(x);
     release(hd);
     return out;
@@ -393,7 +392,8 @@ static PyObject *py_net_backward(PyObject *self, PyObject *args)
     ada_status st;
     ada_error err = {""};
     Py_BEGIN_ALLOW_THREADS
-    st = ada_net_backward(net, PyArray_DATA((PyArrayObject *)out), PyArray_DATA(dout), N, &err);
+    st = ada_net_backward(net, PyArray_DATA((PyArrayObject *)out), PyArray_DATA(dout), N,
+                          ada_get_num_threads(), &err);
     Py_END_ALLOW_THREADS
     if (st != ADA_OK) { raise_status(st, &err); goto fail; }
     Py_DECREF(dout);
@@ -472,7 +472,7 @@ static PyObject *py_head_forward(PyObject *self, PyObject *args)
     if (!lab) goto fail;
     Py_BEGIN_ALLOW_THREADS
     st = ada_head_forward(head, &loss, PyArray_DATA(e), PyArray_DATA(lab),
-                          (int)PyArray_DIM(e, 0), training, &err);
+                          (int)PyArray_DIM(e, 0), training, ada_get_num_threads(), &err);
     Py_END_ALLOW_THREADS
     if (st != ADA_OK) { raise_status(st, &err); goto fail; }
     Py_DECREF(e); Py_DECREF(lab);
@@ -498,7 +498,8 @@ static PyObject *py_head_backward(PyObject *self, PyObject *args)
     ada_status st;
     ada_error err = {""};
     Py_BEGIN_ALLOW_THREADS
-    st = ada_head_backward(head, PyArray_DATA((PyArrayObject *)out), accumulate, &err);
+    st = ada_head_backward(head, PyArray_DATA((PyArrayObject *)out), accumulate,
+                           ada_get_num_threads(), &err);
     Py_END_ALLOW_THREADS
     if (st != ADA_OK) { raise_status(st, &err); goto fail; }
     release(hd);
@@ -532,7 +533,7 @@ static PyObject *py_head_logits(PyObject *self, PyObject *args)
     ada_error err = {""};
     Py_BEGIN_ALLOW_THREADS
     st = ada_head_logits(head, PyArray_DATA((PyArrayObject *)out), PyArray_DATA(e),
-                         lab ? PyArray_DATA(lab) : NULL, N, rule, &err);
+                         lab ? PyArray_DATA(lab) : NULL, N, rule, ada_get_num_threads(), &err);
     Py_END_ALLOW_THREADS
     if (st != ADA_OK) { raise_status(st, &err); goto fail; }
     Py_DECREF(e); Py_XDECREF(lab);
@@ -662,7 +663,7 @@ static PyObject *py_adam_step(PyObject *self, PyObject *args)
     holder *hd = acquire(cap, HOLD_ADAM, "optimizer");
     if (!hd) return NULL;
     Py_BEGIN_ALLOW_THREADS
-    ada_adam_step(hd->obj);
+    ada_adam_step(hd->obj, ada_get_num_threads());
     Py_END_ALLOW_THREADS
     release(hd);
     Py_RETURN_NONE;
@@ -737,7 +738,7 @@ static PyObject *py_train_step(PyObject *self, PyObject *args)
     Py_BEGIN_ALLOW_THREADS
     st = ada_train_step(net, hh->obj, ha->obj, &loss, is_u8 ? NULL : PyArray_DATA(x),
                         is_u8 ? PyArray_DATA(x) : NULL, PyArray_DATA(lab),
-                        (int)PyArray_DIM(x, 0), head_trained, &err);
+                        (int)PyArray_DIM(x, 0), head_trained, ada_get_num_threads(), &err);
     Py_END_ALLOW_THREADS
     if (st != ADA_OK) { raise_status(st, &err); goto fail; }
     Py_DECREF(x); Py_DECREF(lab);
@@ -774,10 +775,16 @@ static PyObject *py_gemm(PyObject *self, PyObject *args)
     npy_intp dims[2] = { M, N };
     out = PyArray_ZEROS(2, dims, NPY_FLOAT32, 0);
     if (!out) goto fail;
+    int threads = ada_get_num_threads();
     Py_BEGIN_ALLOW_THREADS
-    (reference ? ada_sgemm_reference : ada_sgemm)(ta, tb, M, N, K, 1.0f, PyArray_DATA(A),
-        (int)PyArray_DIM(A, 1), PyArray_DATA(B), (int)PyArray_DIM(B, 1), 0.0f,
-        PyArray_DATA((PyArrayObject *)out), N);
+    if (reference)
+        ada_sgemm_reference(ta, tb, M, N, K, 1.0f, PyArray_DATA(A), (int)PyArray_DIM(A, 1),
+                            PyArray_DATA(B), (int)PyArray_DIM(B, 1), 0.0f,
+                            PyArray_DATA((PyArrayObject *)out), N);
+    else
+        ada_sgemm(ta, tb, M, N, K, 1.0f, PyArray_DATA(A), (int)PyArray_DIM(A, 1),
+                  PyArray_DATA(B), (int)PyArray_DIM(B, 1), 0.0f,
+                  PyArray_DATA((PyArrayObject *)out), N, threads);
     Py_END_ALLOW_THREADS
     Py_DECREF(A); Py_DECREF(B);
     return out;
@@ -853,6 +860,5 @@ PyMODINIT_FUNC PyInit__core(void)
             Py_DECREF(mod);
             return NULL;
         }
-    ada_get_num_threads();   /* sets OpenBLAS to one thread before any call */
     return mod;
 }

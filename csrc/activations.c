@@ -6,19 +6,22 @@
 
 #define ADA_PARALLEL_MIN 32768
 
-void ada_relu_forward(float *out, const float *inp, size_t n)
+void ada_relu_forward(float *out, const float *inp, size_t n, int num_threads)
 {
-    #pragma omp parallel for schedule(static) if (n > ADA_PARALLEL_MIN)
+    #pragma omp parallel for schedule(static) if (n > ADA_PARALLEL_MIN) \
+        num_threads(num_threads)
     for (size_t i = 0; i < n; i++) out[i] = inp[i] > 0.0f ? inp[i] : 0.0f;
 }
 
 #define ADA_RELU_CHUNK 16384
 
 /* ada_relu_mask over the threads, in chunks (one call when n is small) */
-void ada_relu_backward(float *dinp, const float *dout, const float *out, size_t n)
+void ada_relu_backward(float *dinp, const float *dout, const float *out, size_t n,
+                       int num_threads)
 {
     size_t chunks = (n + ADA_RELU_CHUNK - 1) / ADA_RELU_CHUNK;
-    #pragma omp parallel for schedule(static) if (n > ADA_PARALLEL_MIN)
+    #pragma omp parallel for schedule(static) if (n > ADA_PARALLEL_MIN) \
+        num_threads(num_threads)
     for (size_t c = 0; c < chunks; c++) {
         size_t start = c * ADA_RELU_CHUNK;
         size_t len = n - start < ADA_RELU_CHUNK ? n - start : ADA_RELU_CHUNK;
@@ -61,20 +64,22 @@ void ada_l2norm_backward(float *dinp, const float *dout, const float *out,
     }
 }
 
-void ada_u8_to_float(float *out, const uint8_t *inp, size_t n)
+void ada_u8_to_float(float *out, const uint8_t *inp, size_t n, int num_threads)
 {
     /* the same float32 operations as (x.float() / 255 - 0.5) / 0.5 in PyTorch */
-    #pragma omp parallel for schedule(static) if (n > ADA_PARALLEL_MIN)
+    #pragma omp parallel for schedule(static) if (n > ADA_PARALLEL_MIN) \
+        num_threads(num_threads)
     for (size_t i = 0; i < n; i++) out[i] = ((float)inp[i] / 255.0f - 0.5f) / 0.5f;
 }
 
 /* no NaN or infinity in x: an exponent of all ones marks both. Integer ORs
  * vectorise, unlike a short-circuit isfinite() loop. */
-int ada_all_finite(const float *x, size_t n)
+int ada_all_finite(const float *x, size_t n, int num_threads)
 {
     const uint32_t *bits = (const uint32_t *)(const void *)x;
     uint32_t bad = 0;
-    #pragma omp parallel for schedule(static) reduction(| : bad) if (n > ADA_PARALLEL_MIN)
+    #pragma omp parallel for schedule(static) reduction(| : bad) if (n > ADA_PARALLEL_MIN) \
+        num_threads(num_threads)
     for (size_t i = 0; i < n; i++) bad |= (bits[i] & 0x7f800000u) == 0x7f800000u;
     return !bad;
 }

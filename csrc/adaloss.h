@@ -70,20 +70,26 @@ ada_status ada_fail(ada_error *err, ada_status status, const char *format, ...)
 #define ADA_MAX_LAYERS 10000
 
 /* ---------------------------------------------------------------- threads */
-#define ADA_MAX_THREADS 1024
-/* OpenMP threads for our loops, 1..ADA_MAX_THREADS */
+/* Our threads call OpenBLAS at the same time; the scipy-openblas32 build
+ * keeps per-thread buffers for MAX_THREADS=64 of them. */
+#define ADA_MAX_THREADS 64
+/* OpenMP threads for our loops, 1..ADA_MAX_THREADS. Every entry point reads
+ * the count once (ada_get_num_threads) and passes it to each kernel it runs
+ * (their num_threads argument), so changing it from another thread never
+ * affects a call under way. In a child forked after threads ran, OpenMP's
+ * pool is gone: the count drops to 1 there and more is ADA_ESTATE. */
 ada_status ada_set_num_threads(int num_threads, ada_error *err);
 int ada_get_num_threads(void);
 
 /* ------------------------------------------------------------------ gemm */
 /* Row-major C = alpha * op(A) @ op(B) + beta * C, op(A) (M, K), op(B) (K, N),
- * cblas semantics. ada_sgemm splits the larger of M and N over our threads
- * (each C element is computed by one thread with the full K sum, so the result
- * does not depend on the number of threads); inside a parallel region it runs
- * serially. ada_sgemm_reference is the naive triple loop, for tests. */
+ * cblas semantics. ada_sgemm splits the larger of M and N over num_threads
+ * threads (each C element is computed by one thread with the full K sum, so the
+ * result does not depend on the number of threads); inside a parallel region
+ * it runs serially. ada_sgemm_reference is the naive triple loop, for tests. */
 void ada_sgemm(int trans_a, int trans_b, int M, int N, int K, float alpha,
                const float *A, int lda, const float *B, int ldb, float beta,
-               float *C, int ldc);
+               float *C, int ldc, int num_threads);
 void ada_sgemm_serial(int trans_a, int trans_b, int M, int N, int K, float alpha,
                       const float *A, int lda, const float *B, int ldb, float beta,
                       float *C, int ldc);
@@ -95,42 +101,44 @@ void ada_sgemm_reference(int trans_a, int trans_b, int M, int N, int K, float al
 /* 2-D convolution, stride 1, zero padding `pad`, square odd kernel k.
  * inp (N, C, H, W), weight (OC, C, k, k), bias (OC), out (N, OC, OH, OW)
  * with OH = H + 2 pad - k + 1. `workspace` holds ada_conv2d_workspace_floats
- * floats. */
+ * floats for the same num_threads. */
 size_t ada_conv2d_workspace_floats(int C, int H, int W, int OC, int k, int pad,
                                    int num_threads);
 void ada_conv2d_forward(float *out, float *workspace, const float *inp,
                         const float *weight, const float *bias,
                         int N, int C, int H, int W, int OC, int k, int pad,
-                        int relu);
+                        int relu, int num_threads);
 /* dinp may be NULL (first layer). If the forward fused a ReLU, pass its
  * output as `out` and the gradient is masked by out > 0; else out = NULL. */
 void ada_conv2d_backward(float *dinp, float *dweight, float *dbias, float *workspace,
                          float *dout, const float *out, const float *inp,
                          const float *weight,
-                         int N, int C, int H, int W, int OC, int k, int pad);
+                         int N, int C, int H, int W, int OC, int k, int pad,
+                         int num_threads);
 
 /* ------------------------------------------------------------------ pool */
 /* 2x2 max pooling, stride 2, floor mode. inp (N, C, H, W), out (N, C, H/2, W/2).
  * argmax (same size as out) records which of the 4 window positions won; the
  * first maximum in row-major order wins ties, as in PyTorch. */
 void ada_maxpool2d_forward(float *out, uint8_t *argmax, const float *inp,
-                           int N, int C, int H, int W);
+                           int N, int C, int H, int W, int num_threads);
 void ada_maxpool2d_backward(float *dinp, const float *dout, const uint8_t *argmax,
-                            int N, int C, int H, int W);
+                            int N, int C, int H, int W, int num_threads);
 
 /* ---------------------------------------------------------------- linear */
 /* inp (N, I), weight (O, I), bias (O), out (N, O) = inp @ weight^T + bias. */
 void ada_linear_forward(float *out, const float *inp, const float *weight,
                         const float *bias, int N, int in_features, int out_features,
-                        int relu);
+                        int relu, int num_threads);
 void ada_linear_backward(float *dinp, float *dweight, float *dbias,
                          float *dout, const float *out, const float *inp,
                          const float *weight,
-                         int N, int in_features, int out_features);
+                         int N, int in_features, int out_features, int num_threads);
 
 /* ----------------------------------------------------------- activations */
-void ada_relu_forward(float *out, const float *inp, size_t n);
-void ada_relu_backward(float *dinp, const float *dout, const float *out, size_t n);
+void ada_relu_forward(float *out, const float *inp, size_t n, int num_threads);
+void ada_relu_backward(float *dinp, const float *dout, const float *out, size_t n,
+                       int num_threads);
 /* d relu(x)/dx = [x > 0], read from the ReLU's output (PyTorch's
  * threshold_backward): dst[i] = src[i] where relu_out[i] > 0, else 0. dst may
  * be src (in place), never relu_out. src is loaded unconditionally so the loop
@@ -149,9 +157,9 @@ void ada_l2norm_forward(float *out, float *norms, const float *inp, int N, int D
 void ada_l2norm_backward(float *dinp, const float *dout, const float *out,
                          const float *norms, int N, int D);
 /* uint8 images to float32: (x / 255 - 0.5) / 0.5 */
-void ada_u8_to_float(float *out, const uint8_t *inp, size_t n);
+void ada_u8_to_float(float *out, const uint8_t *inp, size_t n, int num_threads);
 /* 1 when every element is finite */
-int ada_all_finite(const float *x, size_t n);
+int ada_all_finite(const float *x, size_t n, int num_threads);
 
 /* ----------------------------------------------------------------- heads */
 typedef enum { ADA_HEAD_SOFTMAX = 0, ADA_HEAD_COSFACE = 1,
@@ -218,22 +226,26 @@ ada_status ada_head_set_running_stats(ada_head *head, float mean, float std, ada
  * bad one */
 ada_status ada_head_check_labels(const ada_head *head, const int64_t *labels, int N,
                                  ada_error *err);
-/* mean cross-entropy over the batch of N (1..ADA_MAX_BATCH) finite
+/* The head's computations take the caller's num_threads (1..ADA_MAX_THREADS,
+ * read once per call with ada_get_num_threads).
+ * Mean cross-entropy over the batch of N (1..ADA_MAX_BATCH) finite
  * embeddings; caches what backward needs. `training` updates the AdaFace
  * running statistics. */
 ada_status ada_head_forward(ada_head *head, float *loss, const float *emb,
-                            const int64_t *labels, int N, int training, ada_error *err);
+                            const int64_t *labels, int N, int training, int num_threads,
+                            ada_error *err);
 /* demb (N, D) overwritten, N of the last forward; weight_grad accumulated
  * when accumulate_weight. ADA_ESTATE without a forward since the last
  * ada_head_logits or resize. */
 ada_status ada_head_backward(ada_head *head, float *demb, int accumulate_weight,
-                             ada_error *err);
+                             int num_threads, ada_error *err);
 /* scores used for prediction (N, C), N in 0..ADA_MAX_BATCH. rule PLAIN:
  * margin-free; REPORT: the report's own evaluation (ArcFace report: margin
  * on labels[i], AdaFace report: e . W^T with raw W). labels may be NULL for
  * PLAIN. */
 ada_status ada_head_logits(ada_head *head, float *logits, const float *emb,
-                           const int64_t *labels, int N, int rule, ada_error *err);
+                           const int64_t *labels, int N, int rule, int num_threads,
+                           ada_error *err);
 
 /* ------------------------------------------------------------------ adam */
 typedef struct ada_adam {
@@ -254,9 +266,9 @@ ada_status ada_adam_create(ada_adam **adam, int num_segments, float *const *para
 void ada_adam_free(ada_adam *adam);
 /* restore a step count (>= 0) and a learning rate (as in ada_adam_create) */
 ada_status ada_adam_set(ada_adam *adam, int64_t step, float lr, ada_error *err);
-void ada_adam_step(ada_adam *adam);
+void ada_adam_step(ada_adam *adam, int num_threads);
 void ada_adam_zero_grad(ada_adam *adam);
-int ada_adam_grads_finite(const ada_adam *adam);
+int ada_adam_grads_finite(const ada_adam *adam, int num_threads);
 
 /* ------------------------------------------------------------------- net */
 typedef enum { ADA_LAYER_CONV2D = 0, ADA_LAYER_RELU = 1, ADA_LAYER_MAXPOOL2D = 2,
@@ -291,6 +303,7 @@ typedef struct ada_net {
     size_t in_size, out_size, num_params;
     float *params, *grads;    /* arenas with identical layouts */
     int capacity, threads_planned;
+    int batch;                /* N of the last forward, 0 before one: backward's N */
     float *input;             /* (cap, in_size) float copy of the batch */
     float *workspace;         /* shared by conv layers */
     void *act_arena;          /* activations, gradients, caches: one block */
@@ -302,17 +315,22 @@ typedef struct ada_net {
 ada_status ada_net_create(ada_net **net, const ada_layer_spec *specs, int num_layers,
                           int in_c, int in_h, int in_w, ada_error *err);
 void ada_net_free(ada_net *net);
-/* activations for batches of up to N examples at the current thread count */
-ada_status ada_net_reserve(ada_net *net, int N, ada_error *err);
+/* activations and conv workspace for batches of up to N examples computed
+ * by num_threads threads */
+ada_status ada_net_reserve(ada_net *net, int N, int num_threads, ada_error *err);
 void ada_net_zero_grad(ada_net *net);
-/* forward of N (1..ADA_MAX_BATCH) examples: x_float (finite) or x_u8,
- * exactly one non-NULL; returns a pointer to the (N, out_size) output
- * inside the net. */
+/* As the head's, the network's computations take the caller's num_threads
+ * (1..ADA_MAX_THREADS, read once per call with ada_get_num_threads); the
+ * workspace is planned for it inside the same call.
+ * Forward of N (0..ADA_MAX_BATCH) examples: x_float (finite) or x_u8,
+ * exactly one non-NULL (both may be NULL when N = 0); returns a pointer to
+ * the (N, out_size) output inside the net. */
 ada_status ada_net_forward(ada_net *net, const float **output, const float *x_float,
-                           const uint8_t *x_u8, int N, ada_error *err);
-/* backward after a forward of N: dout (N, out_size) finite; dinp may be NULL. */
+                           const uint8_t *x_u8, int N, int num_threads, ada_error *err);
+/* backward of the last forward: dout (N, out_size) finite with N that
+ * forward's batch, else ADA_EINVAL; dinp may be NULL. */
 ada_status ada_net_backward(ada_net *net, float *dinp, const float *dout, int N,
-                            ada_error *err);
+                            int num_threads, ada_error *err);
 
 /* The whole training step: input conversion, forward, head loss, backward,
  * Adam; zeroes the net and head gradients first. Every argument (sizes,
@@ -323,7 +341,7 @@ ada_status ada_net_backward(ada_net *net, float *dinp, const float *dout, int N,
 ada_status ada_train_step(ada_net *net, ada_head *head, ada_adam *adam, float *loss,
                           const float *x_float, const uint8_t *x_u8,
                           const int64_t *labels, int N, int head_weight_trained,
-                          ada_error *err);
+                          int num_threads, ada_error *err);
 
 #ifdef __cplusplus
 }

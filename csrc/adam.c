@@ -81,7 +81,7 @@ void ada_adam_free(ada_adam *adam)
  *   g = grad + wd p;  m = lerp(m, g, 1 - b1);  v = v b2 + (1 - b2) g g
  *   p -= (lr / (1 - b1^t)) m / (sqrt(v) / sqrt(1 - b2^t) + eps)
  * The scalars are computed in double, as Python floats, then rounded. */
-void ada_adam_step(ada_adam *adam)
+void ada_adam_step(ada_adam *adam, int num_threads)
 {
     adam->step++;
     double bc1 = 1.0 - pow(adam->beta1, (double)adam->step);
@@ -97,7 +97,7 @@ void ada_adam_step(ada_adam *adam)
         const float *grad = adam->grads[s];
         float *m = adam->m + offset, *v = adam->v + offset;
         size_t n = adam->sizes[s];
-        #pragma omp parallel for schedule(static) if (n > 65536)
+        #pragma omp parallel for schedule(static) if (n > 65536) num_threads(num_threads)
         for (size_t i = 0; i < n; i++) {
             float g = wd != 0.0f ? grad[i] + wd * p[i] : grad[i];
             m[i] = m[i] + one_minus_b1 * (g - m[i]);
@@ -115,9 +115,9 @@ void ada_adam_zero_grad(ada_adam *adam)
         memset(adam->grads[s], 0, sizeof(float) * adam->sizes[s]);
 }
 
-int ada_adam_grads_finite(const ada_adam *adam)
+int ada_adam_grads_finite(const ada_adam *adam, int num_threads)
 {
     for (int s = 0; s < adam->num_segments; s++)
-        if (!ada_all_finite(adam->grads[s], adam->sizes[s])) return 0;
+        if (!ada_all_finite(adam->grads[s], adam->sizes[s], num_threads)) return 0;
     return 1;
 }

@@ -168,10 +168,11 @@ static void bias_relu(float *dst, const float *src, const float *bias, int OC, s
  * in contiguous blocks. */
 void ada_conv2d_forward(float *out, float *workspace, const float *inp,
                         const float *weight, const float *bias,
-                        int N, int C, int H, int W, int OC, int k, int pad, int relu)
+                        int N, int C, int H, int W, int OC, int k, int pad, int relu,
+                        int num_threads)
 {
     conv_geom g = geometry(C, H, W, OC, k, pad);
-    int threads = ada_get_num_threads();
+    int threads = num_threads;
     if (threads > N) threads = N > 0 ? N : 1;
     const int direct = k == 1 && pad == 0 && g.group == 1;  /* the input is its own im2col */
     #pragma omp parallel num_threads(threads)
@@ -213,10 +214,11 @@ void ada_conv2d_forward(float *out, float *workspace, const float *inp,
 void ada_conv2d_backward(float *dinp, float *dweight, float *dbias, float *workspace,
                          float *dout, const float *out, const float *inp,
                          const float *weight,
-                         int N, int C, int H, int W, int OC, int k, int pad)
+                         int N, int C, int H, int W, int OC, int k, int pad,
+                         int num_threads)
 {
     conv_geom g = geometry(C, H, W, OC, k, pad);
-    int threads = ada_get_num_threads();
+    int threads = num_threads;
     if (threads > N) threads = N > 0 ? N : 1;
     const int direct = k == 1 && pad == 0 && g.group == 1;
     #pragma omp parallel num_threads(threads)

@@ -3,6 +3,8 @@
 #include "adaloss.h"
 
 #include <omp.h>
+#include <pthread.h>
+#include <stdatomic.h>
 
 /* OpenBLAS is called through its cblas symbol. The scipy-openblas32 wheel
  * prefixes every symbol with "scipy_"; a system OpenBLAS does not. The enum
@@ -20,42 +22,60 @@ void ADA_CBLAS_SGEMM(int order, int trans_a, int trans_b, int M, int N, int K,
                      float beta, float *C, int ldc);
 void ADA_BLAS_SET_THREADS(int num_threads);
 
-static int ada_threads = 0;   /* 0: not set yet */
+/* The thread count every call reads once, at its start (ada_get_num_threads),
+ * and passes down to each of its kernels: another thread may change it at any
+ * moment without affecting a call under way. 0: not set yet. */
+static atomic_int ada_threads = 0;
+/* set in a child forked after we ran threads: OpenMP's thread pool (libgomp)
+ * does not survive fork, and a parallel region of more than one thread would
+ * wait forever for the parent's workers; one thread never touches the pool */
+static atomic_int fork_limited = 0;
+static atomic_int ran_threads = 0;
+static pthread_once_t once = PTHREAD_ONCE_INIT;
 
-static void ensure_blas_single_threaded(void)
+static void after_fork_in_child(void)
 {
-    /* We split work over OpenMP threads ourselves; OpenBLAS's own pthreads
-     * would oversubscribe the cores and make results depend on its split. */
-    static int done = 0;
-    if (!done) {
-        ADA_BLAS_SET_THREADS(1);
-        done = 1;
+    if (atomic_load(&ran_threads)) {
+        atomic_store(&fork_limited, 1);
+        atomic_store(&ada_threads, 1);
     }
 }
 
-static void use_threads(int num_threads)
+static void init_once(void)
 {
-    ensure_blas_single_threaded();
-    ada_threads = num_threads;
-    omp_set_num_threads(num_threads);
+    /* We split work over OpenMP threads ourselves; OpenBLAS's own pthreads
+     * would oversubscribe the cores and make results depend on its split. */
+    ADA_BLAS_SET_THREADS(1);
+    pthread_atfork(NULL, NULL, after_fork_in_child);
 }
 
 ada_status ada_set_num_threads(int num_threads, ada_error *err)
 {
+    pthread_once(&once, init_once);
     if (num_threads < 1 || num_threads > ADA_MAX_THREADS)
         return ada_fail(err, ADA_EINVAL, "num_threads: expected 1..%d, got %d",
                         ADA_MAX_THREADS, num_threads);
-    use_threads(num_threads);
+    if (num_threads > 1 && atomic_load(&fork_limited))
+        return ada_fail(err, ADA_ESTATE, "num_threads: this process was forked after adaloss "
+                        "ran threads, and OpenMP's thread pool does not survive fork, so only 1 "
+                        "thread works here, got %d (start workers with the 'spawn' or "
+                        "'forkserver' method to use more)", num_threads);
+    atomic_store(&ada_threads, num_threads);
     return ADA_OK;
 }
 
 int ada_get_num_threads(void)
 {
-    if (ada_threads == 0) {   /* honours OMP_NUM_THREADS, within our limit */
-        int threads = omp_get_max_threads();
-        use_threads(threads < 1 ? 1 : (threads > ADA_MAX_THREADS ? ADA_MAX_THREADS : threads));
+    pthread_once(&once, init_once);
+    int threads = atomic_load(&ada_threads);
+    if (threads == 0) {   /* honours OMP_NUM_THREADS, within our limit */
+        threads = omp_get_max_threads();
+        threads = threads < 1 ? 1 : (threads > ADA_MAX_THREADS ? ADA_MAX_THREADS : threads);
+        int unset = 0;
+        if (!atomic_compare_exchange_strong(&ada_threads, &unset, threads)) threads = unset;
     }
-    return ada_threads;
+    if (threads > 1) atomic_store(&ran_threads, 1);
+    return threads;
 }
 
 void ada_sgemm_serial(int trans_a, int trans_b, int M, int N, int K, float alpha,
@@ -69,16 +89,16 @@ void ada_sgemm_serial(int trans_a, int trans_b, int M, int N, int K, float alpha
                 C[(size_t)i * ldc + j] = beta == 0.0f ? 0.0f : beta * C[(size_t)i * ldc + j];
         return;
     }
-    ensure_blas_single_threaded();
+    pthread_once(&once, init_once);
     ADA_CBLAS_SGEMM(101, trans_a ? 112 : 111, trans_b ? 112 : 111, M, N, K, alpha,
                     A, lda, B, ldb, beta, C, ldc);
 }
 
 void ada_sgemm(int trans_a, int trans_b, int M, int N, int K, float alpha,
                const float *A, int lda, const float *B, int ldb, float beta,
-               float *C, int ldc)
+               float *C, int ldc, int num_threads)
 {
-    int threads = omp_in_parallel() ? 1 : ada_get_num_threads();
+    int threads = omp_in_parallel() ? 1 : num_threads;
     double flops = 2.0 * M * N * K;
     if (threads <= 1 || flops < 4.0e6) {
         ada_sgemm_serial(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);

@@ -186,18 +186,21 @@ ada_status ada_head_check_labels(const ada_head *head, const int64_t *labels, in
 
 /* the batch size and the embeddings' finiteness, as forward and logits need */
 static ada_status check_batch(const ada_head *head, const float *emb, int N, int min_n,
-                              ada_error *err)
+                              int num_threads, ada_error *err)
 {
+    if (num_threads < 1 || num_threads > ADA_MAX_THREADS)
+        return ada_fail(err, ADA_EINVAL, "num_threads: expected 1..%d, got %d", ADA_MAX_THREADS,
+                        num_threads);
     if (N < min_n || N > ADA_MAX_BATCH)
         return ada_fail(err, ADA_EINVAL, "emb: expected a batch of %d..%d examples, got %d",
                         min_n, ADA_MAX_BATCH, N);
-    if (N > 0 && !ada_all_finite(emb, (size_t)N * head->embedding_dim))
+    if (N > 0 && !ada_all_finite(emb, (size_t)N * head->embedding_dim, num_threads))
         return ada_fail(err, ADA_EINVAL, "emb contains NaN or inf");
     return ADA_OK;
 }
 
 /* a (N, D), w (C, D) and cosine = a w^T, from the raw embedding and weight */
-static void cosines(ada_head *head, const float *emb, int N)
+static void cosines(ada_head *head, const float *emb, int N, int num_threads)
 {
     int C = head->num_classes, D = head->embedding_dim;
     if (head->normalize_embedding) {
@@ -212,7 +215,7 @@ static void cosines(ada_head *head, const float *emb, int N)
         memcpy(head->weight_unit, head->weight, sizeof(float) * (size_t)C * D);
     }
     ada_sgemm(0, 1, N, C, D, 1.0f, head->emb_unit, D, head->weight_unit, D, 0.0f,
-              head->cosine, C);
+              head->cosine, C, num_threads);
 }
 
 static float clampf(float x, float lo, float hi, int *inside)
@@ -400,18 +403,20 @@ static float margin(const ada_head *head, float c, int target, float q,
 }
 
 ada_status ada_head_forward(ada_head *head, float *loss, const float *emb,
-                            const int64_t *labels, int N, int training, ada_error *err)
+                            const int64_t *labels, int N, int training, int num_threads,
+                            ada_error *err)
 {
     int C = head->num_classes;
-    ada_status st = check_batch(head, emb, N, 1, err);
+    ada_status st = check_batch(head, emb, N, 1, num_threads, err);
     if (st == ADA_OK) st = ada_head_check_labels(head, labels, N, err);
     if (st == ADA_OK) st = ada_head_reserve(head, N, err);
     if (st != ADA_OK) return st;
-    cosines(head, emb, N);
+    cosines(head, emb, N, num_threads);
     if (head->kind == ADA_HEAD_ADAFACE) adaface_quality(head, N, training);
     double total = 0.0;
     const float s = head->s, inv_n = 1.0f / (float)N;
-    #pragma omp parallel for schedule(static) reduction(+ : total) if (N * C > 8192)
+    #pragma omp parallel for schedule(static) reduction(+ : total) if (N * C > 8192) \
+        num_threads(num_threads)
     for (int n = 0; n < N; n++) {
         const float *c = head->cosine + (size_t)n * C;
         float *dc = head->dcosine + (size_t)n * C;   /* holds logits, then dloss/dc */
@@ -448,24 +453,29 @@ ada_status ada_head_forward(ada_head *head, float *loss, const float *emb,
 }
 
 ada_status ada_head_backward(ada_head *head, float *demb, int accumulate_weight,
-                             ada_error *err)
+                             int num_threads, ada_error *err)
 {
+    if (num_threads < 1 || num_threads > ADA_MAX_THREADS)
+        return ada_fail(err, ADA_EINVAL, "num_threads: expected 1..%d, got %d", ADA_MAX_THREADS,
+                        num_threads);
     if (!head->has_forward)
         return ada_fail(err, ADA_ESTATE, "backward() needs a forward(emb, labels) first");
     int N = head->cached_n, C = head->num_classes, D = head->embedding_dim;
     /* c = a w^T: da = dc w (N, D), dw = dc^T a (C, D) */
-    ada_sgemm(0, 0, N, D, C, 1.0f, head->dcosine, C, head->weight_unit, D, 0.0f, demb, D);
+    ada_sgemm(0, 0, N, D, C, 1.0f, head->dcosine, C, head->weight_unit, D, 0.0f, demb, D,
+              num_threads);
     if (head->normalize_embedding)
         ada_l2norm_backward(demb, demb, head->emb_unit, head->emb_norm, N, D);
     if (accumulate_weight) {
         if (!head->normalize_weight) {
             ada_sgemm(1, 0, C, D, N, 1.0f, head->dcosine, C, head->emb_unit, D, 1.0f,
-                      head->weight_grad, D);
+                      head->weight_grad, D, num_threads);
         } else {
             /* d w_unit first, then through the row normalisation */
             size_t cd = (size_t)C * D;
             float *dw = head->weight_scratch;
-            ada_sgemm(1, 0, C, D, N, 1.0f, head->dcosine, C, head->emb_unit, D, 0.0f, dw, D);
+            ada_sgemm(1, 0, C, D, N, 1.0f, head->dcosine, C, head->emb_unit, D, 0.0f, dw, D,
+                      num_threads);
             ada_l2norm_backward(dw, dw, head->weight_unit, head->weight_norm, C, D);
             for (size_t i = 0; i < cd; i++) head->weight_grad[i] += dw[i];
         }
@@ -474,7 +484,8 @@ ada_status ada_head_backward(ada_head *head, float *demb, int accumulate_weight,
 }
 
 ada_status ada_head_logits(ada_head *head, float *logits, const float *emb,
-                           const int64_t *labels, int N, int rule, ada_error *err)
+                           const int64_t *labels, int N, int rule, int num_threads,
+                           ada_error *err)
 {
     int C = head->num_classes, D = head->embedding_dim;
     if (rule != ADA_RULE_PLAIN && rule != ADA_RULE_REPORT)
@@ -485,17 +496,17 @@ ada_status ada_head_logits(ada_head *head, float *logits, const float *emb,
     int needs_labels = rule == ADA_RULE_REPORT && head->kind != ADA_HEAD_ADAFACE;
     if (needs_labels && !labels)
         return ada_fail(err, ADA_EINVAL, "labels: the report's ArcFace evaluation needs labels");
-    ada_status st = check_batch(head, emb, N, 0, err);
+    ada_status st = check_batch(head, emb, N, 0, num_threads, err);
     if (st == ADA_OK && labels) st = ada_head_check_labels(head, labels, N, err);
     if (st != ADA_OK || N == 0) return st;
     if (rule == ADA_RULE_REPORT && head->kind == ADA_HEAD_ADAFACE) {
         /* the report's accuracy: argmax of e . W^T with the raw weight */
-        ada_sgemm(0, 1, N, C, D, 1.0f, emb, D, head->weight, D, 0.0f, logits, C);
+        ada_sgemm(0, 1, N, C, D, 1.0f, emb, D, head->weight, D, 0.0f, logits, C, num_threads);
         return ADA_OK;
     }
     st = ada_head_reserve(head, N, err);
     if (st != ADA_OK) return st;
-    cosines(head, emb, N);
+    cosines(head, emb, N, num_threads);
     head->has_forward = 0;
     int inside;
     for (size_t i = 0; i < (size_t)N * C; i++) {

@@ -4,11 +4,12 @@
 /* inp (N, I), weight (O, I), bias (O) -> out (N, O); ReLU after when `relu`. */
 void ada_linear_forward(float *out, const float *inp, const float *weight,
                         const float *bias, int N, int in_features, int out_features,
-                        int relu)
+                        int relu, int num_threads)
 {
     ada_sgemm(0, 1, N, out_features, in_features, 1.0f, inp, in_features,
-              weight, in_features, 0.0f, out, out_features);
-    #pragma omp parallel for schedule(static) if ((long)N * out_features > 65536)
+              weight, in_features, 0.0f, out, out_features, num_threads);
+    #pragma omp parallel for schedule(static) if ((long)N * out_features > 65536) \
+        num_threads(num_threads)
     for (int n = 0; n < N; n++) {
         float *y = out + (size_t)n * out_features;
         for (int o = 0; o < out_features; o++) {
@@ -23,7 +24,7 @@ void ada_linear_forward(float *out, const float *inp, const float *weight,
 void ada_linear_backward(float *dinp, float *dweight, float *dbias,
                          float *dout, const float *out, const float *inp,
                          const float *weight,
-                         int N, int in_features, int out_features)
+                         int N, int in_features, int out_features, int num_threads)
 {
     if (out) ada_relu_mask(dout, dout, out, (size_t)N * out_features);
     for (int n = 0; n < N; n++) {
@@ -31,8 +32,8 @@ void ada_linear_backward(float *dinp, float *dweight, float *dbias,
         for (int o = 0; o < out_features; o++) dbias[o] += dy[o];
     }
     ada_sgemm(1, 0, out_features, in_features, N, 1.0f, dout, out_features,
-              inp, in_features, 1.0f, dweight, in_features);
+              inp, in_features, 1.0f, dweight, in_features, num_threads);
     if (dinp)
         ada_sgemm(0, 0, N, in_features, out_features, 1.0f, dout, out_features,
-                  weight, in_features, 0.0f, dinp, in_features);
+                  weight, in_features, 0.0f, dinp, in_features, num_threads);
 }

@@ -172,12 +172,14 @@ static int aliases_input(const ada_net *net, int i)
     return L->kind == ADA_LAYER_RELU && i > 0 && net->layers[i - 1].fused_relu;
 }
 
-ada_status ada_net_reserve(ada_net *net, int N, ada_error *err)
+ada_status ada_net_reserve(ada_net *net, int N, int threads, ada_error *err)
 {
     if (N < 1 || N > ADA_MAX_BATCH)
         return ada_fail(err, ADA_EINVAL, "N: expected a batch of 1..%d examples, got %d",
                         ADA_MAX_BATCH, N);
-    int threads = ada_get_num_threads();
+    if (threads < 1 || threads > ADA_MAX_THREADS)
+        return ada_fail(err, ADA_EINVAL, "num_threads: expected 1..%d, got %d", ADA_MAX_THREADS,
+                        threads);
     if (N <= net->capacity && threads <= net->threads_planned) return ADA_OK;
     if (N < net->capacity) N = net->capacity;
     size_t ws = 0, floats = round_up((size_t)N * net->in_size), bytes_u8 = 0;
@@ -230,26 +232,37 @@ void ada_net_zero_grad(ada_net *net)
 
 /* the batch size and the input, as forward and the training step need */
 static ada_status check_input(const ada_net *net, const float *x_float, const uint8_t *x_u8,
-                              int N, ada_error *err)
+                              int N, int min_n, int threads, ada_error *err)
 {
-    if (N < 1 || N > ADA_MAX_BATCH)
-        return ada_fail(err, ADA_EINVAL, "x: expected a batch of 1..%d examples, got %d",
-                        ADA_MAX_BATCH, N);
+    if (threads < 1 || threads > ADA_MAX_THREADS)
+        return ada_fail(err, ADA_EINVAL, "num_threads: expected 1..%d, got %d", ADA_MAX_THREADS,
+                        threads);
+    if (N < min_n || N > ADA_MAX_BATCH)
+        return ada_fail(err, ADA_EINVAL, "x: expected a batch of %d..%d examples, got %d",
+                        min_n, ADA_MAX_BATCH, N);
+    if (N == 0) return ADA_OK;
     if (!x_float == !x_u8)
         return ada_fail(err, ADA_EINVAL, "x: expected exactly one of x_float and x_u8");
-    if (x_float && !ada_all_finite(x_float, (size_t)N * net->in_size))
+    if (x_float && !ada_all_finite(x_float, (size_t)N * net->in_size, threads))
         return ada_fail(err, ADA_EINVAL, "x contains NaN or inf");
     return ADA_OK;
 }
 
 ada_status ada_net_forward(ada_net *net, const float **output, const float *x_float,
-                           const uint8_t *x_u8, int N, ada_error *err)
+                           const uint8_t *x_u8, int N, int threads, ada_error *err)
 {
-    ada_status st = check_input(net, x_float, x_u8, N, err);
-    if (st == ADA_OK) st = ada_net_reserve(net, N, err);
+    ada_status st = check_input(net, x_float, x_u8, N, 0, threads, err);
     if (st != ADA_OK) return st;
+    if (N == 0) {   /* nothing to compute, but backward must now expect 0 rows */
+        net->batch = 0;
+        *output = NULL;
+        return ADA_OK;
+    }
+    st = ada_net_reserve(net, N, threads, err);
+    if (st != ADA_OK) return st;
+    net->batch = N;
     size_t n_in = (size_t)N * net->in_size;
-    if (x_u8) ada_u8_to_float(net->input, x_u8, n_in);
+    if (x_u8) ada_u8_to_float(net->input, x_u8, n_in, threads);
     else memcpy(net->input, x_float, sizeof(float) * n_in);
     const float *x = net->input;
     for (int i = 0; i < net->num_layers; i++) {
@@ -259,16 +272,18 @@ ada_status ada_net_forward(ada_net *net, const float **output, const float *x_fl
         switch (L->kind) {
         case ADA_LAYER_CONV2D:
             ada_conv2d_forward(L->out, net->workspace, x, weight, bias, N, L->in_c, L->in_h,
-                               L->in_w, L->out_c, L->k, L->pad, L->fused_relu);
+                               L->in_w, L->out_c, L->k, L->pad, L->fused_relu, threads);
             break;
         case ADA_LAYER_LINEAR:
-            ada_linear_forward(L->out, x, weight, bias, N, L->in_c, L->out_c, L->fused_relu);
+            ada_linear_forward(L->out, x, weight, bias, N, L->in_c, L->out_c, L->fused_relu,
+                               threads);
             break;
         case ADA_LAYER_RELU:
-            if (!aliases_input(net, i)) ada_relu_forward(L->out, x, (size_t)N * L->out_size);
+            if (!aliases_input(net, i))
+                ada_relu_forward(L->out, x, (size_t)N * L->out_size, threads);
             break;
         case ADA_LAYER_MAXPOOL2D:
-            ada_maxpool2d_forward(L->out, L->argmax, x, N, L->in_c, L->in_h, L->in_w);
+            ada_maxpool2d_forward(L->out, L->argmax, x, N, L->in_c, L->in_h, L->in_w, threads);
             break;
         case ADA_LAYER_L2NORM:
             ada_l2norm_forward(L->out, L->norms, x, N, L->in_c);
@@ -283,7 +298,7 @@ ada_status ada_net_forward(ada_net *net, const float **output, const float *x_fl
 }
 
 /* backward from the last layer's dout buffer, which the caller filled */
-static void backward_from_last(ada_net *net, float *dinp, int N)
+static void backward_from_last(ada_net *net, float *dinp, int N, int threads)
 {
     for (int i = net->num_layers - 1; i >= 0; i--) {
         ada_layer *L = &net->layers[i];
@@ -297,21 +312,23 @@ static void backward_from_last(ada_net *net, float *dinp, int N)
         case ADA_LAYER_CONV2D:
             ada_conv2d_backward(dx, dweight, dbias, net->workspace, L->dout,
                                 L->fused_relu ? L->out : NULL, x, weight, N, L->in_c,
-                                L->in_h, L->in_w, L->out_c, L->k, L->pad);
+                                L->in_h, L->in_w, L->out_c, L->k, L->pad, threads);
             break;
         case ADA_LAYER_LINEAR:
             ada_linear_backward(dx, dweight, dbias, L->dout, L->fused_relu ? L->out : NULL,
-                                x, weight, N, L->in_c, L->out_c);
+                                x, weight, N, L->in_c, L->out_c, threads);
             break;
         case ADA_LAYER_RELU:
             if (aliases_input(net, i)) {
                 /* fused into layer i - 1; at i == 0 impossible */
             } else if (dx) {
-                ada_relu_backward(dx, L->dout, L->out, (size_t)N * L->out_size);
+                ada_relu_backward(dx, L->dout, L->out, (size_t)N * L->out_size, threads);
             }
             break;
         case ADA_LAYER_MAXPOOL2D:
-            if (dx) ada_maxpool2d_backward(dx, L->dout, L->argmax, N, L->in_c, L->in_h, L->in_w);
+            if (dx)
+                ada_maxpool2d_backward(dx, L->dout, L->argmax, N, L->in_c, L->in_h, L->in_w,
+                                       threads);
             break;
         case ADA_LAYER_L2NORM:
             if (dx) ada_l2norm_backward(dx, L->dout, L->out, L->norms, N, L->in_c);
@@ -324,12 +341,18 @@ static void backward_from_last(ada_net *net, float *dinp, int N)
 }
 
 ada_status ada_net_backward(ada_net *net, float *dinp, const float *dout, int N,
-                            ada_error *err)
+                            int threads, ada_error *err)
 {
-    if (N < 1 || N > net->capacity)
-        return ada_fail(err, ADA_EINVAL, "d_emb: expected N rows with N the batch of the last "
-                        "forward (at most %d), got %d", net->capacity, N);
-    if (!ada_all_finite(dout, (size_t)N * net->out_size))
+    if (threads < 1 || threads > ADA_MAX_THREADS)
+        return ada_fail(err, ADA_EINVAL, "num_threads: expected 1..%d, got %d", ADA_MAX_THREADS,
+                        threads);
+    if (net->capacity == 0)
+        return ada_fail(err, ADA_EINVAL, "d_emb: backward needs a forward first (no forward yet)");
+    if (N != net->batch)
+        return ada_fail(err, ADA_EINVAL, "d_emb: expected %d rows (the batch of the last "
+                        "forward), got %d", net->batch, N);
+    if (N == 0) return ADA_OK;
+    if (!ada_all_finite(dout, (size_t)N * net->out_size, threads))
         return ada_fail(err, ADA_EINVAL, "d_emb contains NaN or inf");
     ada_layer *last = &net->layers[net->num_layers - 1];
     if (!last->dout) {
@@ -338,14 +361,14 @@ ada_status ada_net_backward(ada_net *net, float *dinp, const float *dout, int N,
         return ADA_OK;
     }
     memcpy(last->dout, dout, sizeof(float) * (size_t)N * net->out_size);
-    backward_from_last(net, dinp, N);
+    backward_from_last(net, dinp, N, threads);
     return ADA_OK;
 }
 
 ada_status ada_train_step(ada_net *net, ada_head *head, ada_adam *adam, float *loss,
                           const float *x_float, const uint8_t *x_u8,
                           const int64_t *labels, int N, int head_weight_trained,
-                          ada_error *err)
+                          int threads, ada_error *err)
 {
     /* everything is checked before the forward changes any state */
     if ((size_t)head->embedding_dim != net->out_size)
@@ -358,29 +381,29 @@ ada_status ada_train_step(ada_net *net, ada_head *head, ada_adam *adam, float *l
     if (only_flatten)
         return ada_fail(err, ADA_EINVAL, "net: a network of Flatten layers alone cannot be "
                         "trained; add a layer after it");
-    ada_status st = check_input(net, x_float, x_u8, N, err);
+    ada_status st = check_input(net, x_float, x_u8, N, 1, threads, err);
     if (st == ADA_OK) st = ada_head_check_labels(head, labels, N, err);
     if (st == ADA_OK) st = ada_head_reserve(head, N, err);
     if (st != ADA_OK) return st;
 
     const float *emb;
-    st = ada_net_forward(net, &emb, x_float, x_u8, N, err);
+    st = ada_net_forward(net, &emb, x_float, x_u8, N, threads, err);
     if (st != ADA_OK) return st;
     float saved_mean = head->running_mean, saved_std = head->running_std;
-    st = ada_head_forward(head, loss, emb, labels, N, 1, err);
+    st = ada_head_forward(head, loss, emb, labels, N, 1, threads, err);
     if (st != ADA_OK) return st;
     ada_net_zero_grad(net);
     if (head_weight_trained) ada_head_zero_grad(head);
     st = ada_head_backward(head, net->layers[net->num_layers - 1].dout, head_weight_trained,
-                           err);
+                           threads, err);
     if (st != ADA_OK) return st;
-    backward_from_last(net, NULL, N);
-    if (!(*loss == *loss) || *loss > 3.0e38f || *loss < -3.0e38f || !ada_adam_grads_finite(adam)) {
+    backward_from_last(net, NULL, N, threads);
+    if (!(*loss == *loss) || *loss > 3.0e38f || *loss < -3.0e38f || !ada_adam_grads_finite(adam, threads)) {
         head->running_mean = saved_mean;
         head->running_std = saved_std;
         return ada_fail(err, ADA_ENONFINITE, "non-finite loss or gradient (loss %g); the step "
                         "was not applied", (double)*loss);
     }
-    ada_adam_step(adam);
+    ada_adam_step(adam, threads);
     return ADA_OK;
 }

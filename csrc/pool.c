@@ -58,11 +58,11 @@ static void pool_row(float *restrict y, uint8_t *restrict am, const float *restr
  * position (row-major) of the first maximum, as PyTorch picks it. NaN wins, as
  * in PyTorch, so a NaN input propagates. */
 void ada_maxpool2d_forward(float *out, uint8_t *argmax, const float *inp,
-                           int N, int C, int H, int W)
+                           int N, int C, int H, int W, int num_threads)
 {
     int OH = H / 2, OW = W / 2;
     long planes = (long)N * C;
-    #pragma omp parallel for schedule(static)
+    #pragma omp parallel for schedule(static) num_threads(num_threads)
     for (long p = 0; p < planes; p++) {
         const float *x = inp + (size_t)p * H * W;
         for (int oh = 0; oh < OH; oh++) {
@@ -76,11 +76,11 @@ void ada_maxpool2d_forward(float *out, uint8_t *argmax, const float *inp,
 /* The max passes its gradient to the element that won; the others get 0.
  * dinp is overwritten. */
 void ada_maxpool2d_backward(float *dinp, const float *dout, const uint8_t *argmax,
-                            int N, int C, int H, int W)
+                            int N, int C, int H, int W, int num_threads)
 {
     int OH = H / 2, OW = W / 2;
     long planes = (long)N * C;
-    #pragma omp parallel for schedule(static)
+    #pragma omp parallel for schedule(static) num_threads(num_threads)
     for (long p = 0; p < planes; p++) {
         float *dx = dinp + (size_t)p * H * W;
         const float *dy = dout + (size_t)p * OH * OW;

@@ -105,7 +105,7 @@ def _range_cases():
         ("rule", lambda: _core.head_logits(head._handle, emb, None, 2),
          r"0 \(plain\) or 1 \(report\), got 2"),
         ("d_emb", lambda: _core.net_backward(net._handle, np.ones((2, 8), np.float32), False),
-         r"batch of the last forward"),
+         r"no forward yet"),
     ]
 
 

@@ -20,6 +20,7 @@ ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 OMP_NUM_THREADS=2 "$build/test_core
 echo "== valgrind memcheck"
 if command -v valgrind >/dev/null; then
     OMP_NUM_THREADS=1 valgrind --error-exitcode=3 --leak-check=full --errors-for-leak-kinds=definite \
+        --suppressions="$here/valgrind.supp" \
         --quiet "$build/test_core"
 else
     echo "valgrind not installed" >&2

@@ -2,6 +2,8 @@
  * valgrind builds in CI. Exits non-zero on any failure; prints one summary
  * line "N passed, N failed". */
 #include <math.h>
+#include <pthread.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -32,7 +34,7 @@ static void test_gemm(void)
         for (int tb = 0; tb < 2; tb++) {
             float *A = randn((size_t)M * K), *B = randn((size_t)K * N);
             float *C = calloc((size_t)M * N, 4), *R = calloc((size_t)M * N, 4);
-            ada_sgemm(ta, tb, M, N, K, 1.0f, A, ta ? M : K, B, tb ? K : N, 0.0f, C, N);
+            ada_sgemm(ta, tb, M, N, K, 1.0f, A, ta ? M : K, B, tb ? K : N, 0.0f, C, N, ada_get_num_threads());
             ada_sgemm_reference(ta, tb, M, N, K, 1.0f, A, ta ? M : K, B, tb ? K : N, 0.0f, R, N);
             CHECK(max_diff(C, R, (size_t)M * N) < 1e-4f * max_abs(R, (size_t)M * N), "gemm ta=%d tb=%d", ta, tb);
             free(A); free(B); free(C); free(R);
@@ -90,12 +92,12 @@ static void test_conv(int k, int pad)
     float *x = randn(nx), *w = randn(nw), *b = randn(OC), *r = randn(nout);
     float *out = malloc(nout * 4), *ref = malloc(nout * 4);
     float *ws = malloc(ada_conv2d_workspace_floats(C, H, W, OC, k, pad, ada_get_num_threads()) * 4);
-    ada_conv2d_forward(out, ws, x, w, b, N, C, H, W, OC, k, pad, 0);
+    ada_conv2d_forward(out, ws, x, w, b, N, C, H, W, OC, k, pad, 0, ada_get_num_threads());
     conv_ref(ref, x, w, b, N, C, H, W, OC, k, pad);
     CHECK(max_diff(out, ref, nout) < 1e-5f * max_abs(ref, nout) + 1e-6f, "conv forward k=%d pad=%d", k, pad);
     float *dx = malloc(nx * 4), *dw = calloc(nw, 4), *db = calloc(OC, 4), *dout = malloc(nout * 4);
     memcpy(dout, r, nout * 4);
-    ada_conv2d_backward(dx, dw, db, ws, dout, NULL, x, w, N, C, H, W, OC, k, pad);
+    ada_conv2d_backward(dx, dw, db, ws, dout, NULL, x, w, N, C, H, W, OC, k, pad, ada_get_num_threads());
     /* central differences in float on the double-accumulated objective */
     float worst = fd_worst(w, nw, dw, x, w, b, r, N, C, H, W, OC, k, pad, nout);
     CHECK(worst < 1e-2f * max_abs(dw, nw), "conv dweight k=%d pad=%d (%g)", k, pad, worst);
@@ -113,9 +115,9 @@ static void test_pool(void)
     float x[2 * 5 * 4], out[2 * 2 * 2], dx[2 * 5 * 4], dy[8];
     uint8_t am[8];
     for (int i = 0; i < 40; i++) x[i] = (float)((i * 7) % 11);
-    ada_maxpool2d_forward(out, am, x, 1, 2, 5, 4);
+    ada_maxpool2d_forward(out, am, x, 1, 2, 5, 4, 2);
     for (int i = 0; i < 8; i++) dy[i] = (float)(i + 1);
-    ada_maxpool2d_backward(dx, dy, am, 1, 2, 5, 4);
+    ada_maxpool2d_backward(dx, dy, am, 1, 2, 5, 4, 2);
     float total = 0; for (int i = 0; i < 40; i++) total += dx[i];
     CHECK(total == 36.0f, "pool backward routes every gradient once");
     CHECK(out[0] == fmaxf(fmaxf(x[0], x[1]), fmaxf(x[4], x[5])), "pool forward max");
@@ -128,7 +130,7 @@ static void test_pool(void)
     float px[PH * PW], pout[(PH / 2) * (PW / 2)];
     uint8_t pam[(PH / 2) * (PW / 2)];
     for (int i = 0; i < PH * PW; i++) px[i] = (i * 37) % 13 == 0 ? NAN : (float)((i * 5) % 3);
-    ada_maxpool2d_forward(pout, pam, px, 1, 1, PH, PW);
+    ada_maxpool2d_forward(pout, pam, px, 1, 1, PH, PW, 1);
     int rule_ok = 1;
     for (int oh = 0; oh < PH / 2; oh++)
         for (int ow = 0; ow < PW / 2; ow++) {
@@ -159,15 +161,15 @@ static void test_heads(void)
             for (size_t i = 0; i < (size_t)N * D; i++) emb[i] *= (kind == 2 && variant) ? 0.2f : (kind == 3 && !variant ? 20.0f : 1.0f);
             int64_t labels[6] = {0, 1, 2, 3, 1, 2};
             float loss, demb[30];
-            CHECK(ada_head_forward(head, &loss, emb, labels, N, 0, &err) == ADA_OK && isfinite(loss), "head forward %d/%d", kind, variant);
+            CHECK(ada_head_forward(head, &loss, emb, labels, N, 0, 2, &err) == ADA_OK && isfinite(loss), "head forward %d/%d", kind, variant);
             ada_head_zero_grad(head);
-            CHECK(ada_head_backward(head, demb, 1, NULL) == ADA_OK, "head backward");
+            CHECK(ada_head_backward(head, demb, 1, 2, NULL) == ADA_OK, "head backward");
             if (!(kind == 3 && variant == 1)) {  /* report AdaFace: q is noise, not differentiable */
                 float h = 1e-2f, worst = 0;
                 for (int i = 0; i < N * D; i++) {
                     float old = emb[i], up, dn;
-                    emb[i] = old + h; ada_head_forward(head, &up, emb, labels, N, 0, NULL);
-                    emb[i] = old - h; ada_head_forward(head, &dn, emb, labels, N, 0, NULL);
+                    emb[i] = old + h; ada_head_forward(head, &up, emb, labels, N, 0, 2, NULL);
+                    emb[i] = old - h; ada_head_forward(head, &dn, emb, labels, N, 0, 2, NULL);
                     emb[i] = old;
                     worst = fmaxf(worst, fabsf((up - dn) / (2 * h) - demb[i]));
                 }
@@ -175,7 +177,7 @@ static void test_heads(void)
             }
             int64_t bad[6] = {0, 1, 2, 3, 4, 0};
             float mean = head->running_mean, std = head->running_std;
-            CHECK(ada_head_forward(head, &loss, emb, bad, N, 1, &err) == ADA_EINVAL &&
+            CHECK(ada_head_forward(head, &loss, emb, bad, N, 1, 2, &err) == ADA_EINVAL &&
                   strstr(err.msg, "labels: expected values in [0, 4) (num_classes), got 4 at index 4"),
                   "head rejects labels: %s", err.msg);
             CHECK(head->running_mean == mean && head->running_std == std, "rejected forward changes nothing");
@@ -261,7 +263,7 @@ static void test_adam(void)
     size_t n = 3;
     ada_adam *adam;
     CHECK(ada_adam_create(&adam, 1, &pp, &gp, &n, 0.1f, 0.9f, 0.999f, 1e-8f, 0.0f, NULL) == ADA_OK, "adam create");
-    ada_adam_step(adam);
+    ada_adam_step(adam, 1);
     CHECK(fabsf(p[0] - 0.9f) < 1e-6f && fabsf(p[1] - 2.1f) < 1e-6f && p[2] == 3.0f, "adam first step is lr * sign(g)");
     ada_adam_free(adam);
 }
@@ -311,7 +313,7 @@ static void test_failed_step_changes_nothing(void)
     float w0[64], loss;
     memcpy(w0, head->weight, sizeof w0);
     float mean = head->running_mean, std = head->running_std;
-    CHECK(ada_train_step(net, head, adam, &loss, NULL, x, y, 4, 1, &err) == ADA_EINVAL &&
+    CHECK(ada_train_step(net, head, adam, &loss, NULL, x, y, 4, 1, 2, &err) == ADA_EINVAL &&
           strstr(err.msg, "Flatten"), "a Flatten-only network cannot be trained: %s", err.msg);
     CHECK(head->running_mean == mean && head->running_std == std,
           "running stats unchanged after a failed step (%g, %g) -> (%g, %g)", (double)mean,
@@ -351,30 +353,93 @@ static void test_net(void)
     for (int i = 0; i < 16; i++) y[i] = i % 4;
     float first = 0, loss = 0;
     for (int step = 0; step < 60; step++) {
-        CHECK(ada_train_step(net, head, adam, &loss, NULL, x, y, 16, 1, &err) == ADA_OK, "train step: %s", err.msg);
+        CHECK(ada_train_step(net, head, adam, &loss, NULL, x, y, 16, 1, 2, &err) == ADA_OK, "train step: %s", err.msg);
         if (step == 0) first = loss;
     }
     CHECK(isfinite(loss) && loss < first, "loss falls on a fixed batch (%g -> %g)", first, loss);
     /* a larger batch replans; a smaller one reuses */
-    CHECK(ada_train_step(net, head, adam, &loss, NULL, x, y, 3, 1, &err) == ADA_OK, "smaller batch");
+    CHECK(ada_train_step(net, head, adam, &loss, NULL, x, y, 3, 1, 2, &err) == ADA_OK, "smaller batch");
     int64_t badlab[16] = {0};
     badlab[5] = 9;
     float mean = head->running_mean, std = head->running_std;
     int64_t step = adam->step;
-    CHECK(ada_train_step(net, head, adam, &loss, NULL, x, badlab, 16, 1, &err) == ADA_EINVAL &&
+    CHECK(ada_train_step(net, head, adam, &loss, NULL, x, badlab, 16, 1, 2, &err) == ADA_EINVAL &&
           strstr(err.msg, "got 9 at index 5"), "bad label rejected: %s", err.msg);
     CHECK(head->running_mean == mean && head->running_std == std && adam->step == step,
           "a rejected step changes nothing");
     const float *outp;
     float xf[2 * 64];
     for (int i = 0; i < 128; i++) xf[i] = frand();
-    CHECK(ada_net_forward(net, &outp, xf, NULL, 2, &err) == ADA_OK, "float forward");
+    CHECK(ada_net_forward(net, &outp, xf, NULL, 2, 2, &err) == ADA_OK, "float forward");
     float dx[2 * 64], dout[16];
     for (int i = 0; i < 16; i++) dout[i] = frand();
-    CHECK(ada_net_backward(net, dx, dout, 2, &err) == ADA_OK, "backward");
+    CHECK(ada_net_backward(net, dx, dout, 2, 2, &err) == ADA_OK, "backward");
+    /* backward must match the last forward's batch, not an earlier, larger one */
+    CHECK(ada_net_forward(net, &outp, xf, NULL, 1, 2, &err) == ADA_OK, "forward of 1");
+    CHECK(ada_net_backward(net, dx, dout, 2, 2, &err) == ADA_EINVAL &&
+          strstr(err.msg, "d_emb: expected 1 rows (the batch of the last forward), got 2"),
+          "stale batch rejected: %s", err.msg);
     ada_adam_free(adam);
     ada_head_free(head);
     ada_net_free(net);
+}
+
+/* another thread changes the thread count while steps run: each step reads
+ * it once and sizes its workspace and its kernels' split with that count */
+static atomic_int stop_toggling;
+
+static void *toggle_threads(void *arg)
+{
+    (void)arg;
+    while (!atomic_load(&stop_toggling)) {
+        ada_set_num_threads(1, NULL);
+        ada_set_num_threads(32, NULL);
+    }
+    return NULL;
+}
+
+static void test_thread_count_changes_during_steps(void)
+{
+    ada_error err = {""};
+    ada_layer_spec specs[] = {{ADA_LAYER_CONV2D, .conv2d = {.in_channels = 2, .out_channels = 4,
+                                                            .kernel_size = 3, .padding = 1}},
+                              {ADA_LAYER_RELU}, {ADA_LAYER_MAXPOOL2D}, {ADA_LAYER_FLATTEN},
+                              {ADA_LAYER_LINEAR, .linear = {.in_features = 64, .out_features = 8}}};
+    enum { BATCH = 32 };   /* one image per thread at 32 threads */
+    uint8_t x[BATCH * 2 * 8 * 8];
+    int64_t y[BATCH];
+    for (size_t i = 0; i < sizeof x; i++) x[i] = (uint8_t)(i * 31 % 256);
+    for (int i = 0; i < BATCH; i++) y[i] = i % 4;
+    atomic_store(&stop_toggling, 0);
+    pthread_t toggler;
+    CHECK(pthread_create(&toggler, NULL, toggle_threads, NULL) == 0, "start the toggling thread");
+    int ok = 1;
+    for (int round = 0; round < 10; round++) {
+        ada_set_num_threads(1, NULL);   /* a fresh network plans for one thread */
+        ada_net *net;
+        ada_head *head;
+        ada_adam *adam;
+        ok &= ada_net_create(&net, specs, 5, 2, 8, 8, &err) == ADA_OK;
+        ok &= ada_head_create(&head, ADA_HEAD_ARCFACE, ADA_VARIANT_PAPER, 4, 8, 8.0f, 0.5f, 0.3f,
+                              0.01f, &err) == ADA_OK;
+        for (size_t i = 0; i < net->num_params; i++) net->params[i] = 0.3f * frand();
+        for (int i = 0; i < 32; i++) head->weight[i] = frand();
+        size_t n = net->num_params;
+        ok &= ada_adam_create(&adam, 1, &net->params, &net->grads, &n, 1e-3f, 0.9f, 0.999f,
+                              1e-8f, 0.0f, &err) == ADA_OK;
+        for (int step = 0; step < 3; step++) {
+            float loss;
+            ok &= ada_train_step(net, head, adam, &loss, NULL, x, y, BATCH, 0, ada_get_num_threads(),
+                                 &err) == ADA_OK && isfinite(loss);
+        }
+        ada_adam_free(adam);
+        ada_head_free(head);
+        ada_net_free(net);
+    }
+    atomic_store(&stop_toggling, 1);
+    pthread_join(toggler, NULL);
+    CHECK(ok, "steps while another thread changes the thread count: %s", err.msg);
+    ada_set_num_threads(2, NULL);
 }
 
 int main(void)
@@ -391,6 +456,7 @@ int main(void)
     test_net();
     test_errors();
     test_failed_step_changes_nothing();
+    test_thread_count_changes_during_steps();
     printf("%d passed, %d failed\n", passed, failed);
     return failed != 0;
 }
