@@ -216,18 +216,18 @@ static void test_margin_rules(void)
                 emb[n * D + d] = (1.0f - 2.0f * n / (N - 1)) * head->weight[labels[n] * D + d] +
                                  0.3f * emb[n * D + d];
         float loss, demb[40];
-        CHECK(ada_head_forward(head, &loss, emb, labels, N, 1, &err) == ADA_OK && isfinite(loss),
+        CHECK(ada_head_forward(head, &loss, emb, labels, N, 1, 1, &err) == ADA_OK && isfinite(loss),
               "rule %d forward: %s", rule, err.msg);
         ada_head_zero_grad(head);
-        CHECK(ada_head_backward(head, demb, 1, &err) == ADA_OK &&
-              ada_all_finite(demb, (size_t)N * D) &&
-              ada_all_finite(head->weight_grad, (size_t)C * D), "rule %d backward", rule);
+        CHECK(ada_head_backward(head, demb, 1, 1, &err) == ADA_OK &&
+              ada_all_finite(demb, (size_t)N * D, 1) &&
+              ada_all_finite(head->weight_grad, (size_t)C * D, 1), "rule %d backward", rule);
         if (rule != ADA_MARGIN_STRAIGHT_THROUGH) {
             float h = 1e-3f, worst = 0;
             for (int i = 0; i < N * D; i++) {
                 float old = emb[i], up, dn;
-                emb[i] = old + h; ada_head_forward(head, &up, emb, labels, N, 0, NULL);
-                emb[i] = old - h; ada_head_forward(head, &dn, emb, labels, N, 0, NULL);
+                emb[i] = old + h; ada_head_forward(head, &up, emb, labels, N, 0, 1, NULL);
+                emb[i] = old - h; ada_head_forward(head, &dn, emb, labels, N, 0, 1, NULL);
                 emb[i] = old;
                 worst = fmaxf(worst, fabsf((up - dn) / (2 * h) - demb[i]));
             }
