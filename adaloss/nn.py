@@ -46,6 +46,14 @@ def _check_int(name: str, value, low: int = 1, high: int = 1 << 24) -> int:
     return int(value)
 
 
+def _number(name: str, value) -> float:
+    """A real number as a float: the type is Python's to check; its range is
+    checked once, by the C core, whose message names the argument."""
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        raise TypeError(f"{name}: expected a number, got {type(value).__name__}")
+    return float(value)
+
+
 def _check_float(name: str, value, low: float = -math.inf, high: float = math.inf,
                  low_open: bool = False) -> float:
     if not isinstance(value, numbers.Real) or isinstance(value, bool):
@@ -364,10 +372,9 @@ class _Head:
         self.embedding_dim = _check_int("embedding_dim", embedding_dim)
         if not isinstance(variant, str) or variant not in _VARIANTS:
             raise ValueError(f"variant: expected 'paper' or 'report', got {variant!r}")
-        self.s = _check_float("s", s, 0.0, 1e4, low_open=True)
-        self.m = _check_float("m", m, 0.0, math.pi)
-        self.h = _check_float("h", h, 0.0, 1e3)
-        self.t_alpha = _check_float("t_alpha", t_alpha, 0.0, 1.0)
+        # ranges are checked by the C core (ada_head_create) below
+        self.s, self.m = _number("s", s), _number("m", m)
+        self.h, self.t_alpha = _number("h", h), _number("t_alpha", t_alpha)
         self.variant = variant
         self.training = True
         self._handle = _core.head_create(_HEAD_KINDS[self._kind], _VARIANTS[variant],
@@ -593,13 +600,9 @@ class Adam:
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:
             raise ValueError(f"betas: expected a pair (beta1, beta2), got {betas!r}")
         self.params = params
-        lr = _check_float("lr", lr, 0.0, 1e3)
-        b1 = _check_float("betas[0]", betas[0], 0.0, 1.0)
-        b2 = _check_float("betas[1]", betas[1], 0.0, 1.0)
-        if b1 >= 1.0 or b2 >= 1.0:
-            raise ValueError(f"betas: expected values in [0, 1), got {tuple(betas)}")
-        eps = _check_float("eps", eps, 0.0, 1.0)
-        weight_decay = _check_float("weight_decay", weight_decay, 0.0, 1e3)
+        # ranges are checked by the C core (ada_adam_create) below
+        lr, b1, b2 = _number("lr", lr), _number("betas[0]", betas[0]), _number("betas[1]", betas[1])
+        eps, weight_decay = _number("eps", eps), _number("weight_decay", weight_decay)
         self._handle = _core.adam_create([(p.data.reshape(-1), p.grad.reshape(-1)) for p in params],
                                          lr, b1, b2, eps, weight_decay)
         self.betas, self.eps, self.weight_decay = (b1, b2), eps, weight_decay
@@ -616,7 +619,7 @@ class Adam:
 
     @lr.setter
     def lr(self, value: float) -> None:
-        _core.adam_set(self._handle, self.step_count, _check_float("lr", value, 0.0, 1e3))
+        _core.adam_set(self._handle, self.step_count, _number("lr", value))
 
     @property
     def step_count(self) -> int:
