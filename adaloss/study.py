@@ -357,6 +357,15 @@ def _read_runs(out) -> list:
     return [json.loads(p.read_text()) for p in sorted((Path(out) / "runs").glob("*.json"))]
 
 
+def _cell_head(record: dict) -> str:
+    """The head column of a run's cell: the head, with what the run changes of
+    its preset (the run name's suffix, e.g. "arcface-easy"), so that remedies
+    get cells of their own beside the preset's head."""
+    prefix = f"{record['dataset']}-{record['preset']}-"
+    name = record.get("name", "")
+    return name[len(prefix):] if name.startswith(prefix + record["head"]) else record["head"]
+
+
 def summarize(out, planned: int | None = None, records: list | None = None) -> dict:
     """Cells (mean, std, CI), paired comparisons and CPU time of a study folder;
     `planned`, the grid's number of runs, marks a summary of an unfinished grid;
@@ -365,7 +374,7 @@ def summarize(out, planned: int | None = None, records: list | None = None) -> d
         records = _read_runs(out)
     cells: dict = {}
     for r in records:
-        cells.setdefault((r["dataset"], r["preset"], r["head"]), []).append(r)
+        cells.setdefault((r["dataset"], r["preset"], _cell_head(r)), []).append(r)
     cell_rows, pairs = [], []
     for (dataset, preset, head), rs in sorted(cells.items()):
         rs = sorted(rs, key=lambda r: r["seed"])

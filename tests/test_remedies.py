@@ -263,3 +263,11 @@ def test_cli_reproduce_records_rule_warmup_and_diagnostics(tmp_path, shared_data
     assert replot.returncode == 0, replot.stderr
     assert (out / "theta_epochs.png").exists()
     assert math.isfinite(record["test_accuracy"])
+
+
+def test_study_cells_keep_remedies_apart():
+    base = {"dataset": "cifar10", "preset": "fair", "head": "arcface"}
+    assert study._cell_head(dict(base, name="cifar10-fair-arcface")) == "arcface"
+    assert study._cell_head(dict(base, name="cifar10-fair-arcface-easy")) == "arcface-easy"
+    assert study._cell_head(dict(base, name="cifar10-fair-combined-1-0.3-0.2",
+                                 head="combined")) == "combined-1-0.3-0.2"
