@@ -17,7 +17,8 @@ from .fileio import atomic_write
 from .stats import ci_or_none
 
 __all__ = ["loss_curve", "comparison", "sample_grid", "margin_distributions",
-           "figures_from_results", "theta_epochs", "study_accuracy", "study_pairs", "study_curves", "save",
+           "figures_from_results", "theta_epochs",
+           "study_accuracy", "study_pairs", "study_curves", "save",
            "HEAD_LABELS"]
 
 HEAD_LABELS = {"adaface": "AdaLoss (AdaFace)", "arcface": "ArcFace", "cosface": "CosFace",
@@ -214,9 +215,10 @@ def figures_from_results(results: dict, data=None) -> dict:
                                            f"{dataset} ({results['preset']} preset): angles at "
                                            "the end of training")
     if any(r.get("history", {}).get("theta_hist") for r in first.values()):
-        figs["theta_epochs"] = theta_epochs(list(first.values()),
-                                            f"{dataset} ({results['preset']} preset): $\\theta_y$ of the "
-                                            "first test images, per epoch")
+        figs["theta_epochs"] = theta_epochs(
+            list(first.values()),
+            f"{dataset} ({results['preset']} preset): $\\theta_y$ of the first test images, "
+            "per epoch")
     if data is not None:
         run = first.get("adaface") or next(iter(first.values()))
         idx = np.asarray(run["sample_indices"])
