@@ -58,6 +58,63 @@ def _positive_float(value: str) -> float:
     return x
 
 
+def _number(value: str, least: float = 0.0, open_low: bool = False) -> float:
+    kind = "a positive" if open_low else "a non-negative"
+    try:
+        x = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {kind} number, got {value!r}") from None
+    if not np.isfinite(x) or x < least or (open_low and x == least):
+        raise argparse.ArgumentTypeError(f"expected {kind} number, got {value!r}")
+    return x
+
+
+def _non_negative_float(value: str) -> float:
+    return _number(value)
+
+
+def _head_options(p: argparse.ArgumentParser) -> None:
+    """The head settings and margin schedules, the same for reproduce and study."""
+    g = p.add_argument_group(
+        "head settings and margin schedules",
+        "Applied to the selected heads that take them (a run changed so is named after the "
+        "change, e.g. cifar10-fair-arcface-easy); values are checked before anything is written.")
+    g.add_argument("--s", type=_positive_float, default=None,
+                   help="scale s of the CosFace, ArcFace, AdaFace and combined heads")
+    g.add_argument("--m", type=_non_negative_float, default=None,
+                   help="margin m of the CosFace, ArcFace and AdaFace heads, in [0, pi]")
+    g.add_argument("--h", type=_non_negative_float, default=None, help="AdaFace's h")
+    g.add_argument("--arcface-rule", choices=presets.ARCFACE_RULES, default=None,
+                   help="the paper ArcFace's rule where theta + m nears pi (default: fallback, "
+                        "insightface's original)")
+    g.add_argument("--m1", type=_positive_float, default=None,
+                   help="combined head's multiplicative margin, in (0, 10]; any of --m1/--m2/"
+                        "--m3 adds the combined head (fair preset) to the runs; default margins "
+                        f"{presets.COMBINED_MARGINS}")
+    g.add_argument("--m2", type=_non_negative_float, default=None,
+                   help="combined head's additive angular margin, in [0, pi]")
+    g.add_argument("--m3", type=_non_negative_float, default=None,
+                   help="combined head's additive cosine margin, in [0, pi]")
+    g.add_argument("--margin-warmup", type=_non_negative, default=0, metavar="K",
+                   help="raise the margins linearly from 0 over the first K epochs, per step")
+    g.add_argument("--softmax-warmup", type=_non_negative, default=0, metavar="K",
+                   help="train K epochs with the margins at 0 (a normalised softmax with the "
+                        "head's s) before the margin (and its warm-up)")
+
+
+def _overrides(args) -> dict:
+    """The head settings and schedules given on the command line, for
+    presets.with_overrides."""
+    out = {"s": args.s, "m": args.m, "h": args.h, "rule": args.arcface_rule, "m1": args.m1,
+           "m2": args.m2, "m3": args.m3, "margin_warmup": args.margin_warmup,
+           "softmax_warmup": args.softmax_warmup}
+    return {k: v for k, v in out.items() if v not in (None, 0)}
+
+
+def _wants_combined(args) -> bool:
+    return any(v is not None for v in (args.m1, args.m2, args.m3))
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="adaloss",
@@ -100,6 +157,7 @@ def parser() -> argparse.ArgumentParser:
                    help=f"batch size (default: the report's {presets.BATCH_SIZE})")
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
     r.add_argument("--no-figures", action="store_true", help="write results.json only")
+    _head_options(r)
     st = sub.add_parser(
         "study", help="the multi-seed grid of presets x heads x data sets, resumable",
         description="Run preset x head x data set x seed in parallel processes (or on a Dask "
@@ -113,7 +171,8 @@ def parser() -> argparse.ArgumentParser:
     st.add_argument("--seeds", default=_csv(f"{d}={n}" for d, n in presets.STUDY_SEEDS.items()),
                     help="seeds per data set: N for all, or DATASET=N,... (default: %(default)s)")
     st.add_argument("--heads", default=None,
-                    help="comma-separated heads to run (default: every head of each preset)")
+                    help="comma-separated heads to run (default: every head of each preset; "
+                         f"{', '.join(presets.EXTRA_HEADS)} (fair preset) only when named)")
     st.add_argument("--out", default="results/study",
                     help="study folder, relative to the current folder (default: %(default)s)")
     st.add_argument("--epochs", type=_positive, default=None, help="default: the report's")
@@ -129,6 +188,7 @@ def parser() -> argparse.ArgumentParser:
     st.add_argument("--max-runs", type=_non_negative, default=None,
                     help="stop after this many new runs (resume later); 0 trains nothing and "
                          "only writes the summary of the runs finished so far")
+    _head_options(st)
     pl = sub.add_parser("plot", help="make the figures again from a results folder",
                         description="Make the figures of a results folder again from its "
                                     "results.json (the sample grid needs the data set).")
@@ -182,15 +242,26 @@ def cmd_reproduce(args) -> int:
             print(f"adaloss: {out} exists; choose another --out or pass --force to replace it",
                   file=sys.stderr)
             return 2
-    configs = presets.runs(args.dataset, args.preset, args.epochs)
-    if args.heads:
-        wanted = [h.strip() for h in args.heads.split(",") if h.strip()]
+    wanted = [h.strip() for h in args.heads.split(",") if h.strip()] if args.heads else None
+    extra = [h for h in presets.EXTRA_HEADS if (wanted and h in wanted)
+             or (h == "combined" and _wants_combined(args))]
+    if extra and args.preset != "fair":
+        print(f"adaloss: --heads/--m1/--m2/--m3: {extra} belong to the fair preset only, not "
+              f"{args.preset!r}", file=sys.stderr)
+        return 2
+    configs = presets.runs(args.dataset, args.preset, args.epochs, extra)
+    if wanted:
         unknown = set(wanted) - {c.head for c in configs}
         if unknown:
             print(f"adaloss: --heads: {sorted(unknown)} not in the {args.preset} preset "
                   f"({[c.head for c in configs]})", file=sys.stderr)
             return 2
-        configs = [c for c in configs if c.head in wanted]
+        configs = [c for c in configs if c.head in wanted + extra]
+    try:
+        configs = presets.with_overrides(configs, **_overrides(args))
+    except ValueError as exc:
+        print(f"adaloss: {exc}", file=sys.stderr)
+        return 2
     if args.lr is not None:
         for config in configs:
             config.lr = args.lr
@@ -281,7 +352,7 @@ def cmd_study(args) -> int:
                               workers=args.workers, threads_per_worker=args.threads_per_worker,
                               scheduler=args.scheduler, max_runs=args.max_runs,
                               heads=[h for h in args.heads.split(",") if h] if args.heads
-                              else None)
+                              else None, overrides=_overrides(args))
     except (ValueError, argparse.ArgumentTypeError) as exc:
         print(f"adaloss: {exc}", file=sys.stderr)
         return 2

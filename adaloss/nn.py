@@ -452,6 +452,14 @@ class _Head:
                 rule: str = "plain") -> np.ndarray:
         return np.argmax(self.logits(emb, labels, rule), axis=1).astype(np.int64)
 
+    def set_m(self, m: float) -> None:
+        """Change the margin m (CosFace, ArcFace, AdaFace; in [0, pi]) from the
+        next forward on, e.g. for a margin warm-up. Softmax has no margin and
+        CombinedMargin takes ``set_margins(m1, m2, m3)``."""
+        m = _check_float("m", m, 0.0, math.pi)
+        _core.head_set_m(self._handle, m)
+        self.m = m
+
     def last_batch(self) -> dict:
         """The last forward's target angle theta_y (radians) and, for AdaFace, q."""
         state = _core.head_state(self._handle)
@@ -471,6 +479,9 @@ class Softmax(_Head):
     def __init__(self, num_classes: int, embedding_dim: int,
                  rng: np.random.Generator | None = None):
         super().__init__(num_classes, embedding_dim, s=1.0, m=0.0, rng=rng)
+
+    def set_m(self, m: float) -> None:
+        raise TypeError("Softmax has no margin to set")
 
     def __repr__(self) -> str:
         return f"Softmax(num_classes={self.num_classes}, embedding_dim={self.embedding_dim})"
@@ -551,6 +562,18 @@ class CombinedMargin(_Head):
     m1 = property(lambda self: self._margins[0], doc="multiplicative angular margin")
     m2 = property(lambda self: self._margins[1], doc="additive angular margin")
     m3 = property(lambda self: self._margins[2], doc="additive cosine margin")
+
+    def set_margins(self, m1: float, m2: float, m3: float) -> None:
+        """Change (m1, m2, m3) from the next forward on, e.g. for a margin
+        warm-up; the C core checks the ranges and changes nothing on error."""
+        for name, value in (("m1", m1), ("m2", m2), ("m3", m3)):
+            if not isinstance(value, numbers.Real) or isinstance(value, bool):
+                raise TypeError(f"{name}: expected a number, got {type(value).__name__}")
+        _core.head_set_margin(self._handle, _core.MARGIN_FALLBACK, m1, m2, m3)
+        self._margins = (float(m1), float(m2), float(m3))
+
+    def set_m(self, m: float) -> None:
+        raise TypeError("CombinedMargin has three margins: use set_margins(m1, m2, m3)")
 
     def __repr__(self) -> str:
         return (f"CombinedMargin(num_classes={self.num_classes}, "

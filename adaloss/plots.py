@@ -17,7 +17,8 @@ from .fileio import atomic_write
 from .stats import ci_or_none
 
 __all__ = ["loss_curve", "comparison", "sample_grid", "margin_distributions",
-           "figures_from_results", "study_accuracy", "study_pairs", "study_curves", "save",
+           "figures_from_results", "theta_epochs",
+           "study_accuracy", "study_pairs", "study_curves", "save",
            "HEAD_LABELS"]
 
 HEAD_LABELS = {"adaface": "AdaLoss (AdaFace)", "arcface": "ArcFace", "cosface": "CosFace",
@@ -152,6 +153,50 @@ def margin_distributions(records: list, title: str = "What the margin does") -> 
     return fig
 
 
+TRAPPED_DEG = 140.0   # theta_y beyond this: the embedding sits in ArcFace's trap (pi - m region)
+
+
+def theta_epochs(records: list, title: str = "Target angle per epoch") -> Figure:
+    """Heat maps of the per-epoch theta_y histograms (``history.theta_hist``)
+    of runs, one panel per run: epoch across, angle up, colour the share of
+    the diagnostic images in each 5-degree bin; the dashed line marks the
+    trapped threshold (TRAPPED_DEG) and each panel's title the share beyond
+    it at the last epoch."""
+    records = [r for r in records if r.get("history", {}).get("theta_hist")]
+    if not records:
+        raise ValueError("records: no run has per-epoch theta_y histograms (history.theta_hist)")
+    fig = Figure(figsize=(3.6 * len(records) + 1.2, 4.2), layout="constrained")
+    axes = fig.subplots(1, len(records), sharey=True, squeeze=False)[0]
+    panels = []
+    for run in records:
+        counts = np.asarray(run["history"]["theta_hist"], float)       # (epochs, bins)
+        edges = np.asarray((run.get("diagnostics") or {}).get("edges_deg")
+                           or np.linspace(0, 180, counts.shape[1] + 1), float)
+        if counts.ndim != 2 or len(edges) != counts.shape[1] + 1:
+            raise ValueError(f"{run.get('name', 'run')}: theta_hist of shape {counts.shape} "
+                             f"does not fit {len(edges)} bin edges")
+        panels.append((counts / np.maximum(counts.sum(axis=1, keepdims=True), 1), edges))
+    vmax = max(0.05, max(float(share.max()) for share, _ in panels))
+    mesh = None
+    for ax, run, (share, edges) in zip(axes, records, panels):
+        epochs = np.arange(0.5, len(share) + 1)
+        mesh = ax.pcolormesh(epochs, edges, share.T, cmap="magma_r", vmin=0, vmax=vmax)
+        ax.axhline(TRAPPED_DEG, color="tab:blue", ls="--", lw=1.4)
+        ax.text(0.6, TRAPPED_DEG + 2, f"trapped > {TRAPPED_DEG:.0f}°", color="tab:blue",
+                fontsize=8, va="bottom")
+        trapped = share[-1][edges[:-1] >= TRAPPED_DEG].sum()
+        name = run.get("name") or HEAD_LABELS.get(run["head"], run["head"])
+        ax.set_title(f"{name}\n{100 * trapped:.0f} % trapped at epoch {len(share)}", fontsize=9)
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylim(0, 180)
+        ax.set_yticks(range(0, 181, 30))
+    axes[0].set_ylabel(r"$\theta_y$ (degrees)")
+    fig.colorbar(mesh, ax=list(axes), label="share of images", shrink=0.9)
+    fig.suptitle(title)
+    return fig
+
+
 def figures_from_results(results: dict, data=None) -> dict:
     """Every figure of a results.json (seed 0 of each head): per-run loss curves,
     the comparison, the margin distributions and, with the data set, the
@@ -169,6 +214,11 @@ def figures_from_results(results: dict, data=None) -> dict:
     figs["margins"] = margin_distributions(list(first.values()),
                                            f"{dataset} ({results['preset']} preset): angles at "
                                            "the end of training")
+    if any(r.get("history", {}).get("theta_hist") for r in first.values()):
+        figs["theta_epochs"] = theta_epochs(
+            list(first.values()),
+            f"{dataset} ({results['preset']} preset): $\\theta_y$ of the first test images, "
+            "per epoch")
     if data is not None:
         run = first.get("adaface") or next(iter(first.values()))
         idx = np.asarray(run["sample_indices"])

@@ -11,20 +11,24 @@
 """
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 
 from . import nn
 
 __all__ = ["RunConfig", "HeadConfig", "LayerSpec", "runs", "build", "build_net", "build_head",
            "REPORT_ACCURACY", "PRESETS", "DATASETS", "HEADS", "EPOCHS", "INPUT_SHAPES",
-           "DEFAULT_PRESET", "STUDY_SEEDS", "BATCH_SIZE"]
+           "DEFAULT_PRESET", "STUDY_SEEDS", "BATCH_SIZE", "EXTRA_HEADS", "ARCFACE_RULES",
+           "with_overrides"]
 
 PRESETS = ("report", "paper", "fair")
 DEFAULT_PRESET = "report"
 DATASETS = ("mnist", "cifar10")
 HEADS = ("softmax", "cosface", "arcface", "adaface")   # the heads the presets use
+EXTRA_HEADS = ("combined",)        # the fair preset's heads run only when asked for (--heads)
+ARCFACE_RULES = ("fallback", "easy", "clip", "straight-through")   # nn.ArcFace's rule
 EPOCHS = {"mnist": 10, "cifar10": 20}                  # the report's
 BATCH_SIZE = 64                                        # the report's
 STUDY_SEEDS = {"mnist": 5, "cifar10": 3}               # seeds per data set of the study grid
@@ -32,10 +36,12 @@ REPORT_ACCURACY = {("mnist", "arcface"): 97.86, ("mnist", "adaface"): 99.11,
                    ("cifar10", "arcface"): 62.35, ("cifar10", "adaface"): 68.13}
 
 HEAD_CLASSES = {"softmax": nn.Softmax, "cosface": nn.CosFace, "arcface": nn.ArcFace,
-                "adaface": nn.AdaFace}
+                "adaface": nn.AdaFace, "combined": nn.CombinedMargin}
 # the settings each head takes (the others keep no meaning for it)
-_HEAD_SETTINGS = {"softmax": (), "cosface": ("s", "m"), "arcface": ("s", "m", "variant"),
-                  "adaface": ("s", "m", "h", "t_alpha", "variant")}
+_HEAD_SETTINGS = {"softmax": (), "cosface": ("s", "m"), "arcface": ("s", "m", "variant", "rule"),
+                  "adaface": ("s", "m", "h", "t_alpha", "variant"),
+                  "combined": ("s", "m1", "m2", "m3")}
+COMBINED_MARGINS = (1.0, 0.3, 0.2)     # the fair preset's combined head: (m1, m2, m3)
 _SIZED_LAYERS = ("conv", "linear")
 LAYER_KINDS = ("conv", "relu", "pool", "flatten", "linear", "l2norm")
 
@@ -102,8 +108,11 @@ class LayerSpec:
 @dataclass(frozen=True)
 class HeadConfig:
     """A loss head and its settings; a setting left None takes the head class's
-    default. ``kind`` is one of HEADS; softmax takes no setting, cosface s and
-    m, arcface s, m and variant, adaface all five."""
+    default. ``kind`` is one of HEADS or "combined"; softmax takes no setting,
+    cosface s and m, arcface s, m, variant and rule (the paper variant's margin
+    rule, nn.ArcFace), adaface s, m, h, t_alpha and variant, combined s, m1, m2
+    and m3 (nn.CombinedMargin). Records written before rule and the combined
+    head existed hold none of them: an ArcFace without rule is "fallback"."""
 
     kind: str
     s: float | None = None
@@ -111,6 +120,10 @@ class HeadConfig:
     h: float | None = None
     t_alpha: float | None = None
     variant: str | None = None
+    rule: str | None = None
+    m1: float | None = None
+    m2: float | None = None
+    m3: float | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in HEAD_CLASSES:
@@ -120,6 +133,26 @@ class HeadConfig:
         if extra:
             raise ValueError(f"head: {self.kind} takes {_HEAD_SETTINGS[self.kind] or 'no settings'}"
                              f", got {extra}")
+        if self.rule is not None:
+            if self.rule not in ARCFACE_RULES:
+                raise ValueError(f"rule: expected one of {ARCFACE_RULES}, got {self.rule!r}")
+            if self.variant == "report" and self.rule != "fallback":
+                raise ValueError(f"rule: only the paper ArcFace has margin rules; the report's "
+                                 f"ArcFace takes none, got {self.rule!r}")
+        checks = {"s": (0.0, 1e4, True), "m": (0.0, math.pi, False), "h": (0.0, 1e3, False),
+                  "m1": (0.0, 10.0, True), "m2": (0.0, math.pi, False),
+                  "m3": (0.0, math.pi, False)}
+        for name, (low, high, low_open) in checks.items():
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, (int, float))
+                                          and not isinstance(value, bool) and math.isfinite(value)
+                                          and (value > low if low_open else value >= low)
+                                          and value <= high):
+                bound = f"({low:g}, {high:g}]" if low_open else f"[{low:g}, {high:g}]"
+                if name in ("m", "m2", "m3"):
+                    bound = "[0, pi]"
+                raise ValueError(f"{name}: the {self.kind} head expects a finite number in "
+                                 f"{bound}, got {value!r}")
 
     def kwargs(self) -> dict:
         """The settings given, as the head class's keyword arguments."""
@@ -156,6 +189,9 @@ INPUT_SHAPES = {"mnist": (1, 28, 28), "cifar10": (3, 32, 32)}
 _RUN_FIELDS = ("dataset", "preset", "head", "layers", "head_config", "lr", "epochs",
                "batch_size", "train_head", "eval_rule", "kaiming_linear", "report_accuracy",
                "num_classes", "embedding_dim", "notes")
+# written only when not at their defaults, so records made before they existed
+# and runs that do not use them have the same JSON form
+_OPTIONAL_RUN_FIELDS = {"margin_warmup": 0, "softmax_warmup": 0}
 
 
 @dataclass(init=False)
@@ -183,6 +219,8 @@ class RunConfig:
     num_classes: int = 10
     embedding_dim: int = 128
     notes: list = field(default_factory=list)
+    margin_warmup: int = 0         # epochs of linear margin warm-up (training.fit)
+    softmax_warmup: int = 0        # epochs with the margins at 0 first (training.fit)
 
     def __init__(self, dataset: str, preset: str, head, layers, head_config=None,
                  lr: float | None = None, epochs: int | None = None,
@@ -190,7 +228,8 @@ class RunConfig:
                  eval_rule: str = "plain", kaiming_linear: bool = False,
                  report_accuracy: float | None = None, num_classes: int = 10,
                  embedding_dim: int = 128, notes: list | None = None, *,
-                 head_kwargs: Mapping | None = None):
+                 head_kwargs: Mapping | None = None, margin_warmup: int = 0,
+                 softmax_warmup: int = 0):
         if isinstance(head, HeadConfig):
             head_config, head = (head if head_config is None else head_config), head.kind
         if head_kwargs is not None:
@@ -208,6 +247,10 @@ class RunConfig:
             raise ValueError(f"head_config: a {head_config.kind} head for a run of head {head!r}")
         if lr is None or epochs is None:
             raise TypeError("RunConfig: lr and epochs are required")
+        for name, value in (("margin_warmup", margin_warmup), ("softmax_warmup", softmax_warmup)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name}: expected a non-negative number of epochs, got "
+                                 f"{value!r}")
         self.dataset, self.preset, self.head = dataset, preset, head
         self.layers = [LayerSpec.coerce(layer) for layer in layers]
         self.head_config = head_config
@@ -216,10 +259,14 @@ class RunConfig:
         self.report_accuracy = report_accuracy
         self.num_classes, self.embedding_dim = num_classes, embedding_dim
         self.notes = list(notes) if notes is not None else []
+        self.margin_warmup, self.softmax_warmup = margin_warmup, softmax_warmup
 
     @property
     def name(self) -> str:
-        return f"{self.dataset}-{self.preset}-{self.head}"
+        """``dataset-preset-head``, followed by what differs from the preset's
+        head (``_name_suffix``): e.g. cifar10-fair-arcface-easy,
+        cifar10-fair-arcface-mwarm5, cifar10-fair-combined-1-0.3-0.2."""
+        return f"{self.dataset}-{self.preset}-{self.head}" + _name_suffix(self)
 
     @property
     def head_kwargs(self) -> dict:
@@ -248,6 +295,9 @@ class RunConfig:
                 out["notes"] = list(self.notes)
             else:
                 out[name] = getattr(self, name)
+        for name, default in _OPTIONAL_RUN_FIELDS.items():
+            if getattr(self, name) != default:
+                out[name] = getattr(self, name)
         return out
 
     @classmethod
@@ -256,12 +306,19 @@ class RunConfig:
         return cls(**d)
 
 
-def runs(dataset: str, preset: str, epochs: int | None = None) -> list[RunConfig]:
-    """The runs a preset makes on a data set."""
+def runs(dataset: str, preset: str, epochs: int | None = None,
+         extra_heads=()) -> list[RunConfig]:
+    """The runs a preset makes on a data set; `extra_heads` (some of
+    EXTRA_HEADS, fair preset only) adds heads the preset runs only on request."""
     if dataset not in DATASETS:
         raise ValueError(f"dataset: expected one of {DATASETS}, got {dataset!r}")
     if preset not in PRESETS:
         raise ValueError(f"preset: expected one of {PRESETS}, got {preset!r}")
+    extra_heads = list(extra_heads)
+    if set(extra_heads) - set(EXTRA_HEADS):
+        raise ValueError(f"extra_heads: expected some of {EXTRA_HEADS}, got {extra_heads!r}")
+    if extra_heads and preset != "fair":
+        raise ValueError(f"heads: {extra_heads} belong to the fair preset only, not {preset!r}")
     n_epochs = EPOCHS[dataset] if epochs is None else epochs
     cifar = dataset == "cifar10"
     if preset in ("report", "paper"):
@@ -287,8 +344,93 @@ def runs(dataset: str, preset: str, epochs: int | None = None) -> list[RunConfig
     heads = [HeadConfig("softmax"), HeadConfig("cosface", s=64.0, m=0.4),
              HeadConfig("arcface", s=64.0, m=0.5, variant="paper"),
              HeadConfig("adaface", s=64.0, m=0.4, h=0.333, t_alpha=0.01, variant="paper")]
+    if "combined" in extra_heads:
+        m1, m2, m3 = COMBINED_MARGINS
+        heads.append(HeadConfig("combined", s=64.0, m1=m1, m2=m2, m3=m3))
     return [RunConfig(dataset, preset, head.kind, backbone, head, lr=1e-3, epochs=n_epochs,
                       kaiming_linear=True) for head in heads]
+
+
+def _preset_head(config: RunConfig) -> HeadConfig | None:
+    """The head a preset gives this run's data set and head (None: unknown)."""
+    if config.dataset not in DATASETS or config.preset not in PRESETS:
+        return None
+    extra = list(EXTRA_HEADS) if config.preset == "fair" else []
+    for c in runs(config.dataset, config.preset, 1, extra):
+        if c.head == config.head:
+            return c.head_config
+    return None
+
+
+def _name_suffix(config: RunConfig) -> str:
+    """What a run changes of its preset's head, for its name: the head settings
+    that differ (s, m, h, t_alpha as -s32, -m0.3 ...; the ArcFace rule as
+    -easy; the combined head always names its margins, -1-0.3-0.2) and the
+    warm-ups (-swarm2, -mwarm5). Empty for a run as the preset makes it."""
+    head, preset = config.head_config, _preset_head(config)
+    parts = []
+    if head.kind == "combined":
+        parts.append("-".join(f"{v:g}" for v in (head.m1 if head.m1 is not None else 1.0,
+                                                 head.m2 if head.m2 is not None else 0.5,
+                                                 head.m3 if head.m3 is not None else 0.0)))
+    for name in ("s", "m", "h", "t_alpha"):
+        value = getattr(head, name)
+        if value is not None and (preset is None or getattr(preset, name) != value):
+            parts.append(f"{name.replace('_', '')}{value:g}")
+    if head.rule not in (None, "fallback"):
+        parts.append(head.rule)
+    if config.softmax_warmup:
+        parts.append(f"swarm{config.softmax_warmup}")
+    if config.margin_warmup:
+        parts.append(f"mwarm{config.margin_warmup}")
+    return "".join(f"-{p}" for p in parts)
+
+
+# the head settings with_overrides changes, and the heads that take each
+_OVERRIDABLE = {"s": ("cosface", "arcface", "adaface", "combined"),
+                "m": ("cosface", "arcface", "adaface"), "h": ("adaface",),
+                "rule": ("arcface",), "m1": ("combined",), "m2": ("combined",),
+                "m3": ("combined",)}
+
+
+def with_overrides(configs: list, margin_warmup: int = 0, softmax_warmup: int = 0,
+                   strict: bool = True, **head_settings) -> list[RunConfig]:
+    """Copies of `configs` with head settings (s, m, h, rule, m1, m2, m3)
+    changed on the heads that take them, and the warm-ups set on the heads
+    with a margin (not softmax). A setting None is left as it is. Raises
+    ValueError, naming the setting, for a value out of the head's range or a
+    setting that none of the configs' heads takes (unless not `strict`). A
+    value equal to the preset's leaves the run (and its name) as it is."""
+    unknown = set(head_settings) - set(_OVERRIDABLE)
+    if unknown:
+        raise TypeError(f"with_overrides: unknown head settings {sorted(unknown)}; expected "
+                        f"some of {tuple(_OVERRIDABLE)}")
+    given = {k: v for k, v in head_settings.items() if v is not None}
+    for name, value in (("margin_warmup", margin_warmup), ("softmax_warmup", softmax_warmup)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name}: expected a non-negative number of epochs, got {value!r}")
+    heads = {c.head for c in configs}
+    for name in given if strict else ():
+        if not heads & set(_OVERRIDABLE[name]):
+            raise ValueError(f"{name}: none of the heads {sorted(heads)} takes it (it is for "
+                             f"{', '.join(_OVERRIDABLE[name])})")
+    if strict and (margin_warmup or softmax_warmup) and heads <= {"softmax"}:
+        raise ValueError("margin_warmup, softmax_warmup: softmax has no margin to warm up")
+    out = []
+    for config in configs:
+        changes = {k: v for k, v in given.items() if config.head in _OVERRIDABLE[k]}
+        if config.head == "arcface" and config.head_config.variant == "report" and \
+                changes.get("rule") not in (None, "fallback"):
+            raise ValueError(f"rule: only the paper ArcFace has margin rules; the "
+                             f"{config.preset} preset's ArcFace is the report's")
+        if changes.get("rule") == "fallback" and config.head_config.rule is None:
+            del changes["rule"]        # the default: the run stays the preset's
+        head = replace(config.head_config, **changes)   # checks the ranges
+        new = RunConfig.from_dict({**config.to_dict(), "head_kwargs": head.kwargs()})
+        if config.head != "softmax":
+            new.margin_warmup, new.softmax_warmup = margin_warmup, softmax_warmup
+        out.append(new)
+    return out
 
 
 def build_net(layers: list, input_shape: tuple | None = None,

@@ -13,7 +13,9 @@ import numpy as np
 from . import datasets, presets, training
 from .presets import RunConfig
 
-__all__ = ["run_one", "load_data"]
+__all__ = ["run_one", "load_data", "DIAGNOSTIC_IMAGES"]
+
+DIAGNOSTIC_IMAGES = 1000   # the first test images whose theta_y is histogrammed every epoch
 
 
 def load_data(dataset: str, root=None) -> datasets.Dataset:
@@ -35,13 +37,19 @@ def run_one(config: RunConfig, seed: int, data: datasets.Dataset, progress: bool
     """Train one (config, seed) and return its JSON record: the configuration,
     the per-epoch history, the final test accuracies, the wall time, the
     histograms of the target angle (and of AdaFace's quality) on the test set
-    and the predictions on ten random test images."""
+    and the predictions on ten random test images. The history holds, per
+    epoch, the theta_y histogram of the first DIAGNOSTIC_IMAGES test images
+    (``history.theta_hist``, bins ``diagnostics.edges_deg``) and, with a
+    warm-up, the margin factor."""
     trainer = presets.build(config, seed)
+    n_diag = min(DIAGNOSTIC_IMAGES, len(data.test_labels))
+    diagnostics = (data.test_images[:n_diag], data.test_labels[:n_diag])
     t0 = time.perf_counter()
     history = training.fit(trainer, data.train_images, data.train_labels, epochs=config.epochs,
                            batch_size=batch_size or config.batch_size, x_test=data.test_images,
                            y_test=data.test_labels, seed=seed, eval_rule=config.eval_rule,
-                           progress=progress)
+                           progress=progress, margin_warmup=config.margin_warmup,
+                           softmax_warmup=config.softmax_warmup, diagnostics=diagnostics)
     wall = time.perf_counter() - t0
     stats = training.margin_stats(trainer.net, trainer.head, data.test_images, data.test_labels)
     rng = np.random.default_rng(seed)
@@ -61,4 +69,5 @@ def run_one(config: RunConfig, seed: int, data: datasets.Dataset, progress: bool
         "quality_hist": (_histogram(stats["quality"], np.linspace(-1, 1, 41))
                          if stats["quality"] is not None else None),
         "sample_indices": sample.tolist(), "sample_predictions": pred.tolist(),
+        "diagnostics": {"images": n_diag, "edges_deg": list(training.THETA_EDGES_DEG)},
     }

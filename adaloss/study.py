@@ -58,11 +58,14 @@ class RunsFailed(RuntimeError):
         super().__init__("\n".join(lines))
 
 
-def plan(datasets, presets_, seeds: dict, epochs=None, heads=None) -> list:
+def plan(datasets, presets_, seeds: dict, epochs=None, heads=None, overrides=None) -> list:
     """(run id, config, seed) of every run in the grid, seed by seed within a
     data set, so that an unfinished grid holds whole seeds of every cell (and
     paired comparisons) rather than all seeds of the first cells. `heads`
-    keeps only the runs of those heads (None: every head of each preset)."""
+    keeps only the runs of those heads (None: every head of each preset; the
+    fair preset's EXTRA_HEADS run only when named, or, for "combined", when
+    `overrides` sets m1, m2 or m3). `overrides`: head settings and warm-ups
+    for presets.with_overrides (checked before anything runs)."""
     datasets, presets_ = list(datasets), list(presets_)
     if not datasets or set(datasets) - set(presets.DATASETS):
         raise ValueError(f"datasets: expected some of {presets.DATASETS}, got {datasets!r}")
@@ -77,18 +80,36 @@ def plan(datasets, presets_, seeds: dict, epochs=None, heads=None) -> list:
             raise ValueError(f"seeds: expected a positive number of seeds for {dataset}, got {n!r}")
     if heads is not None:
         heads = list(heads)
-        unknown = sorted(set(heads) - set(presets.HEADS))
+        known = presets.HEADS + presets.EXTRA_HEADS
+        unknown = sorted(set(heads) - set(known))
         if unknown or not heads:
-            raise ValueError(f"heads: expected some of {presets.HEADS}, got {heads!r}")
+            raise ValueError(f"heads: expected some of {known}, got {heads!r}")
+    overrides = dict(overrides or {})
+    extra = [h for h in presets.EXTRA_HEADS if (heads and h in heads) or
+             (h == "combined" and any(overrides.get(k) is not None for k in ("m1", "m2", "m3")))]
+    if extra and "fair" not in presets_:
+        raise ValueError(f"heads: {extra} belong to the fair preset, which is not in {presets_!r}")
+    grid = {}
+    for dataset in datasets:
+        for preset in presets_:
+            configs = presets.runs(dataset, preset, epochs, extra if preset == "fair" else ())
+            configs = [c for c in configs if heads is None or c.head in heads or c.head in extra]
+            grid[dataset, preset] = presets.with_overrides(configs, strict=False, **overrides)
+    taken = {c.head for configs in grid.values() for c in configs}
+    # what no head of the whole grid takes is an error (as for one preset)
+    presets.with_overrides([c for configs in grid.values() for c in configs], **overrides)
+    if not taken:
+        raise ValueError(f"heads: none of {heads!r} is in the presets {presets_!r}")
     tasks = []
     for dataset in datasets:
         for seed in range(seeds[dataset]):
             for preset in presets_:
-                for config in presets.runs(dataset, preset, epochs):
-                    if heads is None or config.head in heads:
-                        tasks.append((f"{config.name}-seed{seed}", config, seed))
+                for config in grid[dataset, preset]:
+                    tasks.append((f"{config.name}-seed{seed}", config, seed))
     return tasks
 
+
+_FLAGS = {"rule": "arcface-rule"}     # override name -> its command-line flag
 
 _DATA_CACHE: dict = {}
 
@@ -171,7 +192,7 @@ def write_summary(out, summary: dict, records: list | None = None) -> None:
 
 def study(datasets=("mnist",), presets=PRESETS, seeds=None, out="study",
           epochs=None, subset=None, data_root=None, workers=None, threads_per_worker=1,
-          scheduler=None, max_runs=None, progress=True, heads=None) -> dict:
+          scheduler=None, max_runs=None, progress=True, heads=None, overrides=None) -> dict:
     """Run the grid (skipping finished runs) and write the summary; returns it.
 
     `seeds` is an int or {dataset: n}. `workers` defaults to the number of cores
@@ -179,7 +200,8 @@ def study(datasets=("mnist",), presets=PRESETS, seeds=None, out="study",
     (or a dask Client) to send the runs to instead of local processes.
     `max_runs` stops after that many new runs (the rest wait for a resume).
     `heads` restricts the grid to those heads (e.g. the fair preset's arcface
-    and adaface first). The summary covers every run in the folder. A run that
+    and adaface first); `overrides` changes head settings and adds warm-ups
+    (plan). The summary covers every run in the folder. A run that
     raises does not stop the others: the finished runs are written and
     summarised, then RunsFailed names the failed ones (a restart retries them)."""
     datasets, presets = list(datasets), list(presets)
@@ -189,7 +211,7 @@ def study(datasets=("mnist",), presets=PRESETS, seeds=None, out="study",
         seeds = {d: seeds for d in datasets}
     if not isinstance(threads_per_worker, int) or threads_per_worker < 1:
         raise ValueError(f"threads_per_worker: expected a positive int, got {threads_per_worker!r}")
-    tasks = plan(datasets, presets, seeds, epochs, heads)   # checks the arguments first
+    tasks = plan(datasets, presets, seeds, epochs, heads, overrides)   # checks the arguments first
     out = Path(out)
     runs_dir = out / "runs"
     runs_dir.mkdir(parents=True, exist_ok=True)
@@ -278,7 +300,9 @@ def study(datasets=("mnist",), presets=PRESETS, seeds=None, out="study",
                                + ",".join(f"{d}={seeds[d]}" for d in datasets)
                                + (" --heads " + ",".join(heads) if heads else "")
                                + (f" --epochs {epochs}" if epochs else "")
-                               + (f" --subset {subset}" if subset else ""))
+                               + (f" --subset {subset}" if subset else "")
+                               + "".join(f" --{_FLAGS.get(k, k.replace('_', '-'))} {v}"
+                                         for k, v in (overrides or {}).items()))
     write_summary(out, summary, records)
     if failures:
         raise RunsFailed(failures, summary)
@@ -333,6 +357,15 @@ def _read_runs(out) -> list:
     return [json.loads(p.read_text()) for p in sorted((Path(out) / "runs").glob("*.json"))]
 
 
+def _cell_head(record: dict) -> str:
+    """The head column of a run's cell: the head, with what the run changes of
+    its preset (the run name's suffix, e.g. "arcface-easy"), so that remedies
+    get cells of their own beside the preset's head."""
+    prefix = f"{record['dataset']}-{record['preset']}-"
+    name = record.get("name", "")
+    return name[len(prefix):] if name.startswith(prefix + record["head"]) else record["head"]
+
+
 def summarize(out, planned: int | None = None, records: list | None = None) -> dict:
     """Cells (mean, std, CI), paired comparisons and CPU time of a study folder;
     `planned`, the grid's number of runs, marks a summary of an unfinished grid;
@@ -341,7 +374,7 @@ def summarize(out, planned: int | None = None, records: list | None = None) -> d
         records = _read_runs(out)
     cells: dict = {}
     for r in records:
-        cells.setdefault((r["dataset"], r["preset"], r["head"]), []).append(r)
+        cells.setdefault((r["dataset"], r["preset"], _cell_head(r)), []).append(r)
     cell_rows, pairs = [], []
     for (dataset, preset, head), rs in sorted(cells.items()):
         rs = sorted(rs, key=lambda r: r["seed"])

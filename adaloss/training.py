@@ -13,7 +13,10 @@ from . import _core, checkpoint
 from .nn import Sequential, Trainer, _check_int, _embed, _Head
 
 __all__ = ["History", "fit", "evaluate", "predict", "embed", "margin_stats", "save_training",
-           "load_latest"]
+           "load_latest", "margin_factor", "THETA_EDGES_DEG"]
+
+# the bins of the per-epoch target-angle histograms (degrees): 0..180 by 5
+THETA_EDGES_DEG = tuple(float(v) for v in range(0, 181, 5))
 
 
 @dataclass
@@ -28,6 +31,12 @@ class History:
     step_losses: list = field(default_factory=list)
     interrupted: bool = False
     skipped_steps: int = 0
+    # margin schedules (fit's margin_warmup, softmax_warmup): per epoch, the
+    # factor applied to the head's margins at the epoch's last step
+    margin_factor: list = field(default_factory=list)
+    # trap diagnostics (fit's diagnostics=): per epoch, the counts of theta_y
+    # (degrees) of a fixed test subset in the bins THETA_EDGES_DEG
+    theta_hist: list = field(default_factory=list)
 
     def rows(self) -> list:
         """Deprecated: zip the fields yourself."""
@@ -153,11 +162,56 @@ def load_latest(folder, trainer: Trainer) -> dict | None:
     return {"epoch": extra["epoch"], "rng": rng, "history": History.from_dict(extra["history"])}
 
 
+def margin_factor(step: int, steps_per_epoch: int, margin_warmup: int = 0,
+                  softmax_warmup: int = 0) -> float:
+    """The factor on the head's margins at global step `step` (0-based, counted
+    over all epochs): 0 for the first `softmax_warmup` epochs, then a linear
+    ramp per step from 0 to 1 over `margin_warmup` epochs, then 1. A pure
+    function of the step, so a resumed run continues the schedule exactly."""
+    t = step - softmax_warmup * steps_per_epoch
+    if t < 0:
+        return 0.0
+    if margin_warmup == 0:
+        return 1.0
+    return min(1.0, t / (margin_warmup * steps_per_epoch))
+
+
+def _margins(head: _Head):
+    """The head's margins, as _set_margin_factor scales them (None: no margin)."""
+    if head.kind == "Softmax":
+        return None
+    if head.kind == "CombinedMargin":
+        return (head.m1, head.m2, head.m3)
+    return head.m
+
+
+def _set_margin_factor(head: _Head, base, factor: float) -> None:
+    """Scale the margins `base` by factor: m -> f m; the combined head's
+    (m1, m2, m3) -> (1 + f (m1 - 1), f m2, f m3), so f = 0 is the identity
+    target cos(theta) and f = 1 the configured margins."""
+    if base is None:
+        return
+    if isinstance(base, tuple):
+        m1, m2, m3 = base
+        if factor == 1.0:
+            head.set_margins(m1, m2, m3)
+        else:
+            head.set_margins(1.0 + factor * (m1 - 1.0), factor * m2, factor * m3)
+    else:
+        head.set_m(base if factor == 1.0 else factor * base)
+
+
+def _theta_counts(trainer: Trainer, x: np.ndarray, y: np.ndarray) -> list:
+    theta = margin_stats(trainer.net, trainer.head, x, y)["theta_deg"]
+    return np.histogram(theta, bins=np.asarray(THETA_EDGES_DEG))[0].tolist()
+
+
 def fit(trainer: Trainer, x_train: np.ndarray, y_train: np.ndarray, epochs: int = 1,
         batch_size: int = 64, x_test: np.ndarray | None = None, y_test: np.ndarray | None = None,
         seed: int = 0, eval_rule: str = "plain", progress: bool = True,
         skip_nonfinite: bool = False, checkpoint_dir=None, resume: bool = True,
-        history: History | None = None, callback=None) -> History:
+        history: History | None = None, callback=None, margin_warmup: int = 0,
+        softmax_warmup: int = 0, diagnostics: tuple | None = None) -> History:
     """Train for `epochs` with shuffled batches (seeded), evaluating after each epoch.
 
     Returns a History. Ctrl-C stops after the current step and returns the
@@ -166,6 +220,18 @@ def fit(trainer: Trainer, x_train: np.ndarray, y_train: np.ndarray, epochs: int 
     step, or skips the batch when ``skip_nonfinite``. With ``checkpoint_dir``
     the state is saved after every epoch and, when ``resume``, training resumes
     from the latest checkpoint there.
+
+    Margin schedules: ``softmax_warmup`` epochs with the head's margins at 0
+    (a normalised softmax with the head's scale s), then a linear warm-up of
+    the margins from 0 to their values over ``margin_warmup`` epochs, per step
+    (``margin_factor``). The schedule acts on the training steps only: after
+    each epoch's steps the head holds its configured margins again (for the
+    evaluation, the checkpoint and after fit). ``history.margin_factor``
+    records the factor at each epoch's last step.
+
+    ``diagnostics=(x, y)``: after every epoch, the histogram of the target
+    angle theta_y of these examples, in the bins THETA_EDGES_DEG, goes to
+    ``history.theta_hist``.
     """
     if not isinstance(trainer, Trainer):
         raise TypeError(f"trainer: expected an adaloss.Trainer, got {type(trainer).__name__}")
@@ -180,6 +246,17 @@ def fit(trainer: Trainer, x_train: np.ndarray, y_train: np.ndarray, epochs: int 
         raise ValueError(f"eval_rule: expected 'plain' or 'report', got {eval_rule!r}")
     if (x_test is None) != (y_test is None):
         raise ValueError("x_test, y_test: give both or neither")
+    for name, value in (("margin_warmup", margin_warmup), ("softmax_warmup", softmax_warmup)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name}: expected a non-negative int (epochs), got {value!r}")
+    base = _margins(trainer.head)
+    scheduled = base is not None and (margin_warmup > 0 or softmax_warmup > 0)
+    if diagnostics is not None:
+        if not isinstance(diagnostics, tuple) or len(diagnostics) != 2:
+            raise TypeError("diagnostics: expected a tuple (images, labels)")
+        _check_xy(*diagnostics, "diagnostics")
+        if len(diagnostics[1]) == 0:
+            raise ValueError("diagnostics: expected at least one example")
     history = history or History()
     rng = np.random.default_rng(seed)
     start_epoch = 0
@@ -198,9 +275,14 @@ def fit(trainer: Trainer, x_train: np.ndarray, y_train: np.ndarray, epochs: int 
         losses = []
         bar = bar_cls(total=steps, desc=f"epoch {epoch + 1}/{epochs}", leave=False,
                       unit="step") if bar_cls else None
+        factor = 1.0
         try:
             for step in range(steps):
                 idx = order[step * batch_size:(step + 1) * batch_size]
+                if scheduled:
+                    factor = margin_factor(epoch * steps + step, steps, margin_warmup,
+                                           softmax_warmup)
+                    _set_margin_factor(trainer.head, base, factor)
                 try:
                     loss = trainer.step(x_train[idx], y_train[idx])
                 except _core.NonFiniteError as exc:
@@ -220,6 +302,8 @@ def fit(trainer: Trainer, x_train: np.ndarray, y_train: np.ndarray, epochs: int 
         finally:
             if bar is not None:
                 bar.close()
+            if scheduled:
+                _set_margin_factor(trainer.head, base, 1.0)
         seconds = time.perf_counter() - t0
         if history.interrupted:
             break
@@ -227,6 +311,10 @@ def fit(trainer: Trainer, x_train: np.ndarray, y_train: np.ndarray, epochs: int 
         history.train_loss.append(float(np.mean(losses)) if losses else float("nan"))
         history.step_losses.append([float(v) for v in losses])
         history.seconds.append(seconds)
+        if scheduled:
+            history.margin_factor.append(factor)
+        if diagnostics is not None:
+            history.theta_hist.append(_theta_counts(trainer, *diagnostics))
         if x_test is not None:
             acc = _accuracies(trainer.net, trainer.head, x_test, y_test,
                               dict.fromkeys((eval_rule, "plain")))

@@ -597,6 +597,20 @@ static PyObject *py_head_set_margin(PyObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
+static PyObject *py_head_set_m(PyObject *self, PyObject *args)
+{
+    PyObject *cap;
+    float m;
+    if (!PyArg_ParseTuple(args, "Of:head_set_m", &cap, &m)) return NULL;
+    holder *hd = acquire(cap, HOLD_HEAD, "head");
+    if (!hd) return NULL;
+    ada_error err = {""};
+    ada_status st = ada_head_set_m(hd->obj, m, &err);
+    release(hd);
+    if (st != ADA_OK) return raise_status(st, &err);
+    Py_RETURN_NONE;
+}
+
 /* ------------------------------------------------------------ adam */
 
 static PyObject *py_adam_create(PyObject *self, PyObject *args)
@@ -810,6 +824,7 @@ static PyMethodDef methods[] = {
     {"head_set_stats", py_head_set_stats, METH_VARARGS, "head_set_stats(head, mean, std)"},
     {"head_set_margin", py_head_set_margin, METH_VARARGS,
      "head_set_margin(head, rule, m1, m2, m3)"},
+    {"head_set_m", py_head_set_m, METH_VARARGS, "head_set_m(head, m)"},
     {"adam_create", py_adam_create, METH_VARARGS, "adam_create([(data, grad)], lr, b1, b2, eps, wd)"},
     {"adam_step", py_adam_step, METH_VARARGS, "adam_step(adam)"},
     {"adam_zero_grad", py_adam_zero_grad, METH_VARARGS, "adam_zero_grad(adam)"},

@@ -220,6 +220,10 @@ void ada_head_zero_grad(ada_head *head);
  * m3 in [0, pi]; other kinds take (1, 0, 0). Applies from the next forward. */
 ada_status ada_head_set_margin(ada_head *head, int rule, float m1, float m2, float m3,
                                ada_error *err);
+/* the margin m of CosFace, ArcFace and AdaFace (finite, in [0, pi], as at
+ * creation; softmax and the combined head ignore it), for margin schedules
+ * (warm-ups). Applies from the next forward; on error the head is unchanged. */
+ada_status ada_head_set_m(ada_head *head, float m, ada_error *err);
 /* AdaFace running statistics: finite mean, finite std >= 0 */
 ada_status ada_head_set_running_stats(ada_head *head, float mean, float std, ada_error *err);
 /* 0 when every label is in [0, num_classes), else ADA_EINVAL naming the first

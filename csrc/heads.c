@@ -162,6 +162,15 @@ ada_status ada_head_set_margin(ada_head *head, int rule, float m1, float m2, flo
     return ADA_OK;
 }
 
+ada_status ada_head_set_m(ada_head *head, float m, ada_error *err)
+{
+    if (!in_range(m, 0.0f, PI_F, 0))
+        return ada_fail(err, ADA_EINVAL, "m: expected a finite number in [0, pi], got %g",
+                        (double)m);
+    head->m = m;
+    return ADA_OK;
+}
+
 ada_status ada_head_set_running_stats(ada_head *head, float mean, float std, ada_error *err)
 {
     if (!isfinite(mean))

@@ -254,6 +254,16 @@ static void test_margin_rules(void)
     CHECK(ada_head_set_margin(head, 0, 1.0f, 0.5f, INFINITY, &err) == ADA_EINVAL &&
           strstr(err.msg, "m3: expected a finite number"), "m3: %s", err.msg);
     CHECK(head->m1 == 1.0f && head->m2 == 0.0f && head->m3 == 0.0f, "rejected margins change nothing");
+    ada_head_free(head);    /* ada_head_set_m: validated; a rejected m changes nothing */
+    CHECK(ada_head_create(&head, ADA_HEAD_ARCFACE, ADA_VARIANT_PAPER, C, D, 4.0f, 0.5f, 0.3f,
+                          0.01f, &err) == ADA_OK, "paper head");
+    CHECK(ada_head_set_m(head, 0.25f, &err) == ADA_OK && head->m == 0.25f, "set_m 0.25");
+    CHECK(ada_head_set_m(head, -0.1f, &err) == ADA_EINVAL &&
+          strstr(err.msg, "m: expected a finite number in [0, pi], got -0.1"), "m < 0: %s",
+          err.msg);
+    CHECK(ada_head_set_m(head, NAN, &err) == ADA_EINVAL, "m NaN");
+    CHECK(ada_head_set_m(head, 4.0f, &err) == ADA_EINVAL, "m > pi");
+    CHECK(head->m == 0.25f, "rejected m changes nothing");
     ada_head_free(head);
 }
 
