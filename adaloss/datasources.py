@@ -35,7 +35,7 @@ import numpy as np
 
 from .datasets import DataError, Dataset, load_cifar10, load_mnist, parse_idx
 
-__all__ = ["load_any", "data_info", "load_idx_folder", "load_image_split", "load_npz",
+__all__ = ["load_any", "data_info", "dataset_name", "load_idx_folder", "load_image_split", "load_npz",
            "OFFICIAL", "IDX_FILES"]
 
 OFFICIAL = ("mnist", "cifar10")
@@ -293,6 +293,14 @@ def load_any(spec, root=None, test_fraction: float | None = None, seed: int = 0)
     if any((path / (base + ext)).exists() for base in IDX_FILES.values() for ext in ("", ".gz")):
         return load_idx_folder(path)
     return load_image_split(path, test_fraction, seed)
+
+
+def dataset_name(spec) -> str:
+    """The name a data set's runs carry: ``mnist``/``cifar10``, else the file
+    or folder name (``-user`` appended if it is one of those two)."""
+    if isinstance(spec, str) and spec in OFFICIAL:
+        return spec
+    return _name(Path(spec).expanduser())
 
 
 def data_info(spec, test_fraction: float | None = None) -> dict:

@@ -58,11 +58,12 @@ class RunsFailed(RuntimeError):
         super().__init__("\n".join(lines))
 
 
-def plan(datasets, presets_, seeds: dict, epochs=None, heads=None) -> list:
+def plan(datasets, presets_, seeds: dict, epochs=None, heads=None, protocol="closed") -> list:
     """(run id, config, seed) of every run in the grid, seed by seed within a
     data set, so that an unfinished grid holds whole seeds of every cell (and
     paired comparisons) rather than all seeds of the first cells. `heads`
-    keeps only the runs of those heads (None: every head of each preset)."""
+    keeps only the runs of those heads (None: every head of each preset).
+    `protocol` "open" names the runs ``...-open-seedN``."""
     datasets, presets_ = list(datasets), list(presets_)
     if not datasets or set(datasets) - set(presets.DATASETS):
         raise ValueError(f"datasets: expected some of {presets.DATASETS}, got {datasets!r}")
@@ -75,6 +76,8 @@ def plan(datasets, presets_, seeds: dict, epochs=None, heads=None) -> list:
         n = seeds[dataset]
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"seeds: expected a positive number of seeds for {dataset}, got {n!r}")
+    if protocol not in presets.PROTOCOLS:
+        raise ValueError(f"protocol: expected one of {presets.PROTOCOLS}, got {protocol!r}")
     if heads is not None:
         heads = list(heads)
         unknown = sorted(set(heads) - set(presets.HEADS))
@@ -85,6 +88,7 @@ def plan(datasets, presets_, seeds: dict, epochs=None, heads=None) -> list:
         for seed in range(seeds[dataset]):
             for preset in presets_:
                 for config in presets.runs(dataset, preset, epochs):
+                    config.protocol = protocol
                     if heads is None or config.head in heads:
                         tasks.append((f"{config.name}-seed{seed}", config, seed))
     return tasks
@@ -171,7 +175,8 @@ def write_summary(out, summary: dict, records: list | None = None) -> None:
 
 def study(datasets=("mnist",), presets=PRESETS, seeds=None, out="study",
           epochs=None, subset=None, data_root=None, workers=None, threads_per_worker=1,
-          scheduler=None, max_runs=None, progress=True, heads=None) -> dict:
+          scheduler=None, max_runs=None, progress=True, heads=None,
+          protocol="closed") -> dict:
     """Run the grid (skipping finished runs) and write the summary; returns it.
 
     `seeds` is an int or {dataset: n}. `workers` defaults to the number of cores
@@ -181,7 +186,9 @@ def study(datasets=("mnist",), presets=PRESETS, seeds=None, out="study",
     `heads` restricts the grid to those heads (e.g. the fair preset's arcface
     and adaface first). The summary covers every run in the folder. A run that
     raises does not stop the others: the finished runs are written and
-    summarised, then RunsFailed names the failed ones (a restart retries them)."""
+    summarised, then RunsFailed names the failed ones (a restart retries them).
+    `protocol` ("closed" or "open") is part of each run's name, and the summary
+    holds the runs of that protocol only."""
     datasets, presets = list(datasets), list(presets)
     if seeds is None:
         seeds = dict(STUDY_SEEDS)
@@ -189,7 +196,7 @@ def study(datasets=("mnist",), presets=PRESETS, seeds=None, out="study",
         seeds = {d: seeds for d in datasets}
     if not isinstance(threads_per_worker, int) or threads_per_worker < 1:
         raise ValueError(f"threads_per_worker: expected a positive int, got {threads_per_worker!r}")
-    tasks = plan(datasets, presets, seeds, epochs, heads)   # checks the arguments first
+    tasks = plan(datasets, presets, seeds, epochs, heads, protocol)  # checks the arguments first
     out = Path(out)
     runs_dir = out / "runs"
     runs_dir.mkdir(parents=True, exist_ok=True)
@@ -271,14 +278,15 @@ def study(datasets=("mnist",), presets=PRESETS, seeds=None, out="study",
             _stop(pool)
             raise
         pool.shutdown()
-    records = _read_runs(out)
+    records = [r for r in _read_runs(out) if r.get("protocol", "closed") == protocol]
     summary = summarize(out, planned=len(tasks), records=records)
     summary["command_hint"] = ("adaloss study --datasets " + ",".join(datasets) + " --presets "
                                + ",".join(presets) + " --seeds "
                                + ",".join(f"{d}={seeds[d]}" for d in datasets)
                                + (" --heads " + ",".join(heads) if heads else "")
                                + (f" --epochs {epochs}" if epochs else "")
-                               + (f" --subset {subset}" if subset else ""))
+                               + (f" --subset {subset}" if subset else "")
+                               + (f" --protocol {protocol}" if protocol != "closed" else ""))
     write_summary(out, summary, records)
     if failures:
         raise RunsFailed(failures, summary)
