@@ -249,6 +249,8 @@ def metrics_table(rows: list) -> str:
         else:
             cells += [_pct(m.get("accuracy"))]
         lines.append("| " + " | ".join(cells) + " |")
+    notes = sorted({m["note"] for _, _, m in rows if m.get("note")})
+    lines += [""] + [f"Note: {note}." for note in notes] if notes else []
     return "\n".join(lines)
 
 
