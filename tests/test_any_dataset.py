@@ -3,7 +3,6 @@ evaluate end to end through the CLI; bad data raises errors naming the file;
 preset networks adapt to the images' shape."""
 from __future__ import annotations
 
-import gzip
 import json
 import os
 import subprocess
