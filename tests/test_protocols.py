@@ -149,3 +149,20 @@ def test_the_study_names_open_runs_apart_and_never_mixes_protocols(tmp_path):
         summary = study.study(["mnist"], ["fair"], 1, tmp_path, heads=["arcface"], max_runs=0,
                               progress=False, protocol=protocol)
         assert summary["runs"] == 1 and summary["cells"][0]["accuracies"] == [acc]
+
+
+def test_the_cli_offers_the_protocols_and_evaluate():
+    from adaloss import cli
+
+    choices = cli.parser()._subparsers._group_actions[0].choices
+    for command, options in (("reproduce", ("--protocol", "--test-fraction", "--no-models")),
+                             ("study", ("--protocol",)),
+                             ("evaluate", ("--dataset", "--protocol", "--data-root", "--subset",
+                                           "--json"))):
+        text = choices[command].format_help()
+        for opt in options:
+            assert opt in text, (command, opt)
+    args = cli.parser().parse_args(["study", "--protocol", "open"])
+    assert args.protocol == "open"
+    with pytest.raises(SystemExit):
+        cli.parser().parse_args(["reproduce", "--dataset", "mnist", "--protocol", "half"])
