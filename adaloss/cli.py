@@ -134,6 +134,9 @@ def parser() -> argparse.ArgumentParser:
                    help=f"batch size (default: the report's {presets.BATCH_SIZE})")
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
     r.add_argument("--no-figures", action="store_true", help="write results.json only")
+    r.add_argument("--metrics-every-epoch", action="store_true",
+                   help="also measure the embedding metrics after every epoch (about 20 s each "
+                        "on the full MNIST test set, one thread; docs/evaluation.md)")
     r.add_argument("--no-models", action="store_true",
                    help="do not keep the final networks in OUT/models/ (adaloss evaluate "
                         "needs them)")
@@ -327,7 +330,8 @@ def cmd_reproduce(args) -> int:
             model = (None if args.no_models
                      else staging / "models" / f"{config.name}-seed{seed}.ckpt")
             record = runs.run_one(config, seed, data, progress=not args.no_progress,
-                                  batch_size=args.batch_size, model_path=model)
+                                  batch_size=args.batch_size, model_path=model,
+                                  metrics_every_epoch=args.metrics_every_epoch)
             results["runs"].append(record)
             results["wall_seconds"] = time.perf_counter() - t0
             write_json(staging / "results.json", results)

@@ -155,7 +155,8 @@ def test_the_cli_offers_the_protocols_and_evaluate():
     from adaloss import cli
 
     choices = cli.parser()._subparsers._group_actions[0].choices
-    for command, options in (("reproduce", ("--protocol", "--test-fraction", "--no-models")),
+    for command, options in (("reproduce", ("--protocol", "--test-fraction", "--no-models",
+                                           "--metrics-every-epoch")),
                              ("study", ("--protocol",)),
                              ("evaluate", ("--dataset", "--protocol", "--data-root", "--subset",
                                            "--json"))):
@@ -166,3 +167,16 @@ def test_the_cli_offers_the_protocols_and_evaluate():
     assert args.protocol == "open"
     with pytest.raises(SystemExit):
         cli.parser().parse_args(["reproduce", "--dataset", "mnist", "--protocol", "half"])
+
+
+def test_metrics_every_epoch_are_recorded_without_changing_training(data):
+    config = runs.configs(data, "fair", epochs=2, protocol="open")[3]
+    plain = runs.run_one(config, 1, data, progress=False)
+    each = runs.run_one(config, 1, data, progress=False, metrics_every_epoch=True)
+    assert "metrics_per_epoch" not in plain
+    assert [m["epoch"] for m in each["metrics_per_epoch"]] == [1, 2]
+    assert each["history"]["train_loss"] == plain["history"]["train_loss"]
+    assert each["metrics"] == plain["metrics"]
+    last = each["metrics_per_epoch"][-1]
+    assert last["map_at_r"] == each["metrics"]["retrieval"]["map_at_r"]
+    assert last["open_set_auroc_gallery"] == each["metrics"]["open_set"]["gallery"]["auroc"]
