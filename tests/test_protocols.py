@@ -113,7 +113,7 @@ def test_the_verification_figures(data, tmp_path):
     assert [t.get_text() for t in fig.axes[1].get_legend().get_texts()] == ["impostor", "genuine"]
     fig = plots.roc_curves(records)
     (ax,) = fig.axes
-    assert ax.get_xscale() == "log" and len(ax.get_lines()) == 2
+    assert ax.get_xscale() == "log" and len(ax.get_lines()) == 3   # two heads, chance
     np.testing.assert_allclose(ax.get_lines()[1].get_ydata(),
                                records[1]["metrics"]["curves"]["roc"]["tar"])
     plots.save(fig, tmp_path / "roc.png")
