@@ -35,13 +35,19 @@ import numpy as np
 
 from .datasets import DataError, Dataset, load_cifar10, load_mnist, parse_idx
 
-__all__ = ["load_any", "data_info", "dataset_name", "load_idx_folder", "load_image_split", "load_npz",
+__all__ = ["load_any", "data_info", "dataset_name", "UnknownDataset", "load_idx_folder",
+           "load_image_split", "load_npz",
            "OFFICIAL", "IDX_FILES"]
 
 OFFICIAL = ("mnist", "cifar10")
 IDX_FILES = {"train_images": "train-images-idx3-ubyte", "train_labels": "train-labels-idx1-ubyte",
              "test_images": "t10k-images-idx3-ubyte", "test_labels": "t10k-labels-idx1-ubyte"}
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
+
+
+class UnknownDataset(DataError, ValueError):
+    """A ``--dataset`` that is neither a known name nor an existing path (a
+    ValueError too, as ``runs.load_data`` raised for unknown names before)."""
 
 
 def _name(path: Path) -> str:
@@ -284,8 +290,8 @@ def load_any(spec, root=None, test_fraction: float | None = None, seed: int = 0)
                         f"{type(spec).__name__}")
     path = Path(spec).expanduser()
     if not path.exists():
-        raise DataError(f"dataset: {spec!r} is neither one of {OFFICIAL} nor an existing path "
-                        "(an IDX folder, an image folder or an .npz file)")
+        raise UnknownDataset(f"dataset: {spec!r} is neither one of {OFFICIAL} nor an existing path "
+                                 "(an IDX folder, an image folder or an .npz file)")
     if path.is_file():
         if path.suffix.lower() != ".npz":
             raise DataError(f"{path}: expected an .npz file, an IDX folder or an image folder")

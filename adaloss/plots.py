@@ -17,7 +17,8 @@ from .fileio import atomic_write
 from .stats import ci_or_none
 
 __all__ = ["loss_curve", "comparison", "sample_grid", "margin_distributions",
-           "figures_from_results", "score_histograms", "roc_curves", "study_accuracy", "study_pairs", "study_curves", "save",
+           "figures_from_results", "score_histograms", "roc_curves", "study_accuracy",
+           "study_pairs", "study_curves", "save",
            "HEAD_LABELS"]
 
 HEAD_LABELS = {"adaface": "AdaLoss (AdaFace)", "arcface": "ArcFace", "cosface": "CosFace",

@@ -80,7 +80,8 @@ def test_closed_runs_keep_their_names_records_and_numbers(data):
     m = with_metrics["metrics"]
     assert m["open_set"] is None and m["accuracy"] == pytest.approx(without["test_accuracy"])
     assert m["retrieval"]["num_queries"] == len(data.test_labels)
-    assert m["verification"]["num_pairs"] == len(data.test_labels) * (len(data.test_labels) - 1) // 2
+    n = len(data.test_labels)
+    assert m["verification"]["num_pairs"] == n * (n - 1) // 2
     json.dumps(m, allow_nan=False)
 
 
