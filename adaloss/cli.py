@@ -1,4 +1,5 @@
-"""Command line: ``adaloss reproduce`` (also ``python -m adaloss``)."""
+"""Command line: ``adaloss reproduce``, ``study``, ``plot`` and ``evaluate``
+(also ``python -m adaloss``)."""
 from __future__ import annotations
 
 import argparse
@@ -13,7 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from . import datasets, get_num_threads, presets, runs, set_num_threads, study
+from . import (checkpoint, datasets, datasources, get_num_threads, presets, runs,
+               set_num_threads, study)
 from ._version import __version__
 from .fileio import atomic_write
 
@@ -115,6 +117,30 @@ def _wants_combined(args) -> bool:
     return any(v is not None for v in (args.m1, args.m2, args.m3))
 
 
+def _dataset(value: str) -> str:
+    if value in presets.DATASETS or os.path.exists(os.path.expanduser(value)):
+        return value
+    raise argparse.ArgumentTypeError(
+        f"invalid choice: {value!r} (expected {' or '.join(presets.DATASETS)}, or the path of an "
+        "IDX folder, an image folder or an .npz file)")
+
+
+def _fraction(value: str) -> float:
+    try:
+        x = float(value)
+    except ValueError:
+        x = float("nan")
+    if not 0.0 < x < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number between 0 and 1, got {value!r}")
+    return x
+
+
+_DATASET_HELP = ("mnist, cifar10, or the path of your own data: a folder of IDX files (MNIST's "
+                 "format), an image folder (train/ and test/ of class folders, or class folders "
+                 "with --test-fraction) or an .npz with x_train, y_train, x_test, y_test "
+                 "(docs/evaluation.md)")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="adaloss",
@@ -127,8 +153,16 @@ def parser() -> argparse.ArgumentParser:
         description="Train every head of a preset on a data set, print the accuracy table, and "
                     "write results.json (every history and setting) and the figures to --out.")
     epochs = ", ".join(f"{n} for {d}" for d, n in presets.EPOCHS.items())
-    r.add_argument("--dataset", choices=presets.DATASETS, required=True,
-                   help=f"data set (the report's epochs: {epochs})")
+    r.add_argument("--dataset", type=_dataset, required=True,
+                   help=f"{_DATASET_HELP} (the report's epochs: {epochs}; other data take the "
+                        "MNIST networks and epochs for grey images, CIFAR-10's for colour)")
+    r.add_argument("--protocol", choices=presets.PROTOCOLS, default="closed",
+                   help="closed: train and test on every class; open: train on a seeded half "
+                        "of the classes, measure retrieval, verification and open-set "
+                        "recognition on the other half (default: %(default)s)")
+    r.add_argument("--test-fraction", type=_fraction, default=None, metavar="F",
+                   help="split an image folder without train/ and test/: a seeded fraction F "
+                        "of each class is the test set")
     r.add_argument("--preset", choices=presets.PRESETS, default=presets.DEFAULT_PRESET,
                    help="report: the report's four experiments, quirks included; paper: the "
                         "published heads on the same networks; fair: one backbone for "
@@ -157,6 +191,12 @@ def parser() -> argparse.ArgumentParser:
                    help=f"batch size (default: the report's {presets.BATCH_SIZE})")
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
     r.add_argument("--no-figures", action="store_true", help="write results.json only")
+    r.add_argument("--metrics-every-epoch", action="store_true",
+                   help="also measure the embedding metrics after every epoch (about 20 s each "
+                        "on the full MNIST test set, one thread; docs/evaluation.md)")
+    r.add_argument("--no-models", action="store_true",
+                   help="do not keep the final networks in OUT/models/ (adaloss evaluate "
+                        "needs them)")
     _head_options(r)
     st = sub.add_parser(
         "study", help="the multi-seed grid of presets x heads x data sets, resumable",
@@ -179,6 +219,10 @@ def parser() -> argparse.ArgumentParser:
     st.add_argument("--subset", type=_positive, default=None, metavar="N",
                     help="train on N images, test on N/5 (quick runs)")
     st.add_argument("--data-root", default=None, help="as for reproduce")
+    st.add_argument("--protocol", choices=presets.PROTOCOLS, default="closed",
+                    help="as for reproduce; open runs are named ...-open-seedN and a study "
+                         "folder summarises the runs of its own protocol only "
+                         "(default: %(default)s)")
     st.add_argument("--workers", type=_positive, default=None,
                     help="worker processes (default: cores / threads per worker)")
     st.add_argument("--threads-per-worker", type=_positive, default=1,
@@ -194,6 +238,27 @@ def parser() -> argparse.ArgumentParser:
                                     "results.json (the sample grid needs the data set).")
     pl.add_argument("folder", help="a folder written by 'adaloss reproduce'")
     pl.add_argument("--data-root", default=None, help="as for reproduce")
+    ev = sub.add_parser(
+        "evaluate", help="embedding metrics of trained networks, without retraining",
+        description="Measure retrieval, verification and (open protocol) open-set recognition "
+                    "of the networks a results folder keeps in models/ (or of one checkpoint), "
+                    "on a data set and protocol of your choice; print a Markdown table.")
+    ev.add_argument("target", metavar="FOLDER|CHECKPOINT",
+                    help="a folder written by 'adaloss reproduce', or one of its "
+                         "models/*.ckpt")
+    ev.add_argument("--dataset", type=_dataset, default=None,
+                    help=f"{_DATASET_HELP}; default: the run's own data set")
+    ev.add_argument("--protocol", choices=presets.PROTOCOLS, default=None,
+                    help="default: the protocol each network was trained under")
+    ev.add_argument("--data-root", default=None, help="as for reproduce")
+    ev.add_argument("--subset", type=_positive, default=None, metavar="N",
+                    help="N training images (the open protocol's gallery) and N/5 test images; "
+                         "default: the run's own subset, if its data set is used")
+    ev.add_argument("--test-fraction", type=_fraction, default=None, metavar="F",
+                    help="as for reproduce; default: the run's own")
+    ev.add_argument("--json", default=None, metavar="PATH", help="also write the metrics here")
+    ev.add_argument("--threads", type=_positive, default=None,
+                    help="threads for the C core (default: all cores)")
     return p
 
 
@@ -211,6 +276,44 @@ def summary_table(results: dict) -> str:
         rep = records[0]["config"].get("report_accuracy")
         lines.append(f"| {head} | {', '.join(f'{a:.2f}' for a in acc)} | {acc.mean():.2f}{std} | "
                      f"{plain.mean():.2f} | {rep if rep is not None else '–'} |")
+    return "\n".join(lines)
+
+
+def _pct(value) -> str:
+    return "–" if value is None else f"{100 * value:.2f}"
+
+
+def metrics_table(rows: list) -> str:
+    """Markdown table of embedding metrics: `rows` are (run name, seed, metrics
+    dict of ``runs.evaluate_model``). Percentages; open-set columns under the
+    open protocol."""
+    open_ = any(m.get("protocol") == "open" for _, _, m in rows)
+    head = ["run", "seed", "protocol", "P@1 %", "MAP@R %", "ver. AUROC %", "EER %",
+            "TAR@FAR=1e-3 %", "10-fold acc. %"]
+    if open_:
+        head += ["open-set AUROC % (weights / gallery)", "seen acc. %"]
+    else:
+        head += ["accuracy %"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, seed, m in rows:
+        if m.get("error"):
+            lines.append(f"| {name} | {seed} | {m.get('protocol')} | error: {m['error']} |")
+            continue
+        ret, ver = m["retrieval"], m["verification"]
+        tar = next((t["tar"] for t in ver["tar_at_far"] if abs(t["far"] - 1e-3) < 1e-12), None)
+        cells = [name, str(seed), m["protocol"], _pct(ret["precision_at_1"]),
+                 _pct(ret["map_at_r"]), _pct(ver["roc_auc"]), _pct(ver["eer"]), _pct(tar),
+                 f"{_pct(ver['accuracy_mean'])} ± {_pct(ver['accuracy_std'])}"]
+        if open_:
+            osr = m.get("open_set") or {}
+            weights = (osr.get("class_weights") or {}).get("auroc")
+            gallery = (osr.get("gallery") or {}).get("auroc")
+            cells += [f"{_pct(weights)} / {_pct(gallery)}", _pct(m.get("seen_accuracy"))]
+        else:
+            cells += [_pct(m.get("accuracy"))]
+        lines.append("| " + " | ".join(cells) + " |")
+    notes = sorted({m["note"] for _, _, m in rows if m.get("note")})
+    lines += [""] + [f"Note: {note}." for note in notes] if notes else []
     return "\n".join(lines)
 
 
@@ -236,7 +339,10 @@ def make_figures(folder: Path, results: dict, data=None) -> list:
 def cmd_reproduce(args) -> int:
     if args.threads:
         set_num_threads(args.threads)
-    out = Path(args.out or f"results/{args.dataset}-{args.preset}")
+    official = args.dataset in presets.DATASETS
+    suffix = "" if args.protocol == "closed" else f"-{args.protocol}"
+    name = args.dataset if official else datasources.dataset_name(args.dataset)
+    out = Path(args.out or f"results/{name}-{args.preset}{suffix}")
     if out.exists() and any(out.iterdir()):
         if not args.force:
             print(f"adaloss: {out} exists; choose another --out or pass --force to replace it",
@@ -249,27 +355,36 @@ def cmd_reproduce(args) -> int:
         print(f"adaloss: --heads/--m1/--m2/--m3: {extra} belong to the fair preset only, not "
               f"{args.preset!r}", file=sys.stderr)
         return 2
-    configs = presets.runs(args.dataset, args.preset, args.epochs, extra)
+    # the heads and networks are the same on every data set: check the
+    # selection and the overrides before any data is read or folder made
+    heads = [c.head for c in presets.runs("mnist", args.preset, None, extra)]
     if wanted:
-        unknown = set(wanted) - {c.head for c in configs}
+        unknown = set(wanted) - set(heads)
         if unknown:
             print(f"adaloss: --heads: {sorted(unknown)} not in the {args.preset} preset "
-                  f"({[c.head for c in configs]})", file=sys.stderr)
+                  f"({heads})", file=sys.stderr)
             return 2
-        configs = [c for c in configs if c.head in wanted + extra]
+    selected = [c for c in presets.runs("mnist", args.preset, args.epochs, extra)
+                if wanted is None or c.head in wanted + extra]
     try:
-        configs = presets.with_overrides(configs, **_overrides(args))
+        presets.with_overrides(selected, **_overrides(args))
     except ValueError as exc:
         print(f"adaloss: {exc}", file=sys.stderr)
         return 2
+    try:
+        data = runs.load_data(args.dataset, args.data_root, args.test_fraction)
+        configs = runs.configs(data, args.preset, args.epochs, args.protocol, extra)
+        if args.protocol == "open":
+            runs.split_classes(len(data.classes), 0)      # enough classes to split
+    except (datasets.DataError, ValueError) as exc:
+        print(f"adaloss: {exc}", file=sys.stderr)
+        return 1
+    if wanted is not None:
+        configs = [c for c in configs if c.head in wanted + extra]
+    configs = presets.with_overrides(configs, **_overrides(args))
     if args.lr is not None:
         for config in configs:
             config.lr = args.lr
-    try:
-        data = runs.load_data(args.dataset, args.data_root)
-    except datasets.DataError as exc:
-        print(f"adaloss: {exc}", file=sys.stderr)
-        return 1
     if args.subset:
         data = datasets.subset(data, args.subset, max(10, args.subset // 5))
     staging = out.with_name(out.name + ".partial")
@@ -277,8 +392,9 @@ def cmd_reproduce(args) -> int:
         shutil.rmtree(staging)
     staging.mkdir(parents=True)
     results = {"adaloss_version": __version__, "command": " ".join(["adaloss"] + sys.argv[1:]),
-               "dataset": args.dataset, "preset": args.preset, "threads": None,
-               "machine": platform.platform(), "subset": args.subset,
+               "dataset": data.name, "preset": args.preset, "protocol": args.protocol,
+               "data": datasources.data_info(args.dataset, args.test_fraction),
+               "threads": None, "machine": platform.platform(), "subset": args.subset,
                "started": time.strftime("%Y-%m-%d %H:%M:%S"), "runs": []}
     results["threads"] = get_num_threads()
     t0 = time.perf_counter()
@@ -286,8 +402,11 @@ def cmd_reproduce(args) -> int:
     for config in configs:
         for seed in range(args.seeds):
             print(f"== {config.name} seed {seed}: {config.epochs} epochs", flush=True)
+            model = (None if args.no_models
+                     else staging / "models" / f"{config.name}-seed{seed}.ckpt")
             record = runs.run_one(config, seed, data, progress=not args.no_progress,
-                             batch_size=args.batch_size)
+                                  batch_size=args.batch_size, model_path=model,
+                                  metrics_every_epoch=args.metrics_every_epoch)
             results["runs"].append(record)
             results["wall_seconds"] = time.perf_counter() - t0
             write_json(staging / "results.json", results)
@@ -299,6 +418,9 @@ def cmd_reproduce(args) -> int:
         if interrupted:
             break
     table = summary_table(results)
+    if any(r.get("metrics") for r in results["runs"]):
+        table += "\n\nEmbedding metrics (docs/evaluation.md):\n\n" + metrics_table(
+            [(r["name"], r["seed"], r["metrics"]) for r in results["runs"] if r.get("metrics")])
     (staging / "table.md").write_text(table + "\n")
     if not args.no_figures:
         make_figures(staging, results, data)
@@ -306,7 +428,8 @@ def cmd_reproduce(args) -> int:
         shutil.rmtree(out)
     os.replace(staging, out)
     print(table)
-    print(f"wrote {out}/ (results.json, table.md{', figures' if not args.no_figures else ''}) "
+    print(f"wrote {out}/ (results.json, table.md{', figures' if not args.no_figures else ''}"
+          f"{', models/' if not args.no_models else ''}) "
           f"in {results['wall_seconds']:.0f} s")
     return 130 if interrupted else 0
 
@@ -319,8 +442,11 @@ def cmd_plot(args) -> int:
         return 2
     results = json.loads(path.read_text())
     data = None
+    source = results.get("data", {}).get("source", results["dataset"])
     try:
-        data = runs.load_data(results["dataset"], args.data_root)
+        data = runs.load_data(source, args.data_root, results.get("data", {}).get("test_fraction"))
+        if results.get("subset"):
+            data = datasets.subset(data, results["subset"], max(10, results["subset"] // 5))
     except Exception as exc:  # figures without the sample grid
         print(f"adaloss: no sample grid ({exc})", file=sys.stderr)
     for p in make_figures(folder, results, data):
@@ -352,7 +478,8 @@ def cmd_study(args) -> int:
                               workers=args.workers, threads_per_worker=args.threads_per_worker,
                               scheduler=args.scheduler, max_runs=args.max_runs,
                               heads=[h for h in args.heads.split(",") if h] if args.heads
-                              else None, overrides=_overrides(args))
+                              else None, overrides=_overrides(args),
+                              protocol=args.protocol)
     except (ValueError, argparse.ArgumentTypeError) as exc:
         print(f"adaloss: {exc}", file=sys.stderr)
         return 2
@@ -371,12 +498,90 @@ def cmd_study(args) -> int:
     return 0
 
 
+def _models(target: Path) -> tuple:
+    """(checkpoint paths, results.json of their folder or None) of an evaluate target."""
+    if target.is_dir():
+        found = sorted((target / "models").glob("*.ckpt"))
+        if not found:
+            raise FileNotFoundError(f"{target}/models/ holds no .ckpt file (reproduce keeps the "
+                                    "final networks there unless --no-models)")
+        folder = target
+    elif target.is_file():
+        found = [target]
+        folder = target.parent.parent if target.parent.name == "models" else None
+    else:
+        raise FileNotFoundError(f"{target}: no such folder or checkpoint")
+    results = None
+    if folder is not None and (folder / "results.json").exists():
+        results = json.loads((folder / "results.json").read_text())
+    return found, results
+
+
+def evaluate_target(target, dataset=None, protocol=None, data_root=None, subset=None,
+                    test_fraction=None) -> list:
+    """(run name, seed, metrics) of every network of a results folder (or of one
+    checkpoint): the data set is the run's own unless `dataset` is given (with
+    the run's subset and test fraction, unless given); the protocol, each run's
+    own unless given. The numbers equal results.json's for the same data and
+    protocol."""
+    paths, results = _models(Path(target))
+    loaded = [(p, *runs.load_model(p)) for p in paths]
+    own = results.get("data", {}) if results else {}
+    if dataset is None:
+        dataset = own.get("source") or (results or {}).get("dataset") or loaded[0][1].dataset
+        if dataset not in presets.DATASETS and not Path(dataset).exists():
+            raise datasets.DataError(f"{target}: the run's data set {dataset!r} is not there; "
+                                     "give --dataset")
+        if subset is None and results:
+            subset = results.get("subset")
+        if test_fraction is None:
+            test_fraction = own.get("test_fraction")
+    data = runs.load_data(dataset, data_root, test_fraction)
+    if subset:
+        data = datasets.subset(data, subset, max(10, subset // 5))
+    rows = []
+    for path, config, trainer, extra in loaded:
+        shape = tuple(data.test_images.shape[1:])
+        if shape != tuple(trainer.net.input_shape):
+            raise ValueError(f"{path}: the network takes images {tuple(trainer.net.input_shape)}, "
+                             f"the data set's are {shape}")
+        proto = protocol or config.protocol
+        seed = int(extra.get("seed", 0))
+        seen = (extra.get("classes") or {}).get("seen") if proto == config.protocol else None
+        metrics = runs.evaluate_model(trainer.net, trainer.head, data, proto, seed, seen)
+        metrics["checkpoint"] = str(path)
+        rows.append((config.name, seed, metrics))
+    return rows
+
+
+def cmd_evaluate(args) -> int:
+    if args.threads:
+        set_num_threads(args.threads)
+    try:
+        rows = evaluate_target(args.target, args.dataset, args.protocol, args.data_root,
+                               args.subset, args.test_fraction)
+    except (FileNotFoundError, datasets.DataError, checkpoint.CheckpointError,
+            ValueError) as exc:
+        print(f"adaloss: {exc}", file=sys.stderr)
+        return 1
+    print(metrics_table(rows))
+    if args.json:
+        write_json(Path(args.json), {"adaloss_version": __version__,
+                                     "command": " ".join(["adaloss"] + sys.argv[1:]),
+                                     "runs": [{"name": n, "seed": s, "metrics": m}
+                                              for n, s, m in rows]})
+        print(f"wrote {args.json}")
+    return 0
+
+
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
     if args.command == "reproduce":
         return cmd_reproduce(args)
     if args.command == "study":
         return cmd_study(args)
+    if args.command == "evaluate":
+        return cmd_evaluate(args)
     return cmd_plot(args)
 
 

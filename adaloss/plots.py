@@ -17,7 +17,7 @@ from .fileio import atomic_write
 from .stats import ci_or_none
 
 __all__ = ["loss_curve", "comparison", "sample_grid", "margin_distributions",
-           "figures_from_results", "theta_epochs",
+           "figures_from_results", "theta_epochs", "score_histograms", "roc_curves",
            "study_accuracy", "study_pairs", "study_curves", "save",
            "HEAD_LABELS"]
 
@@ -197,6 +197,99 @@ def theta_epochs(records: list, title: str = "Target angle per epoch") -> Figure
     return fig
 
 
+def _curves_of(records: list) -> list:
+    """(head, curves) of the records that hold metrics curves."""
+    out = []
+    for r in records:
+        curves = (r.get("metrics") or {}).get("curves")
+        if curves:
+            out.append((r["head"], curves, r.get("metrics")))
+    if not out:
+        raise ValueError("records: no run holds verification curves (metrics.curves)")
+    return out
+
+
+def _set_label(metrics: dict) -> str:
+    return "unseen-class test images" if metrics.get("protocol") == "open" else "test images"
+
+
+def _rebin(edges: np.ndarray, counts: list, target: int = 60) -> tuple:
+    """Fine histograms (same edges) cut to the range holding 99.8 % of their
+    pairs and merged into about `target` bins: (edges, [counts, ...])."""
+    total = np.sum(counts, axis=0)
+    cum = np.cumsum(total) / max(total.sum(), 1)
+    lo = int(np.searchsorted(cum, 0.001))
+    hi = int(np.searchsorted(cum, 0.999)) + 1
+    factor = max(1, int(np.ceil((hi - lo) / target)))
+    lo = max(0, lo - factor)
+    hi = min(len(total), hi + factor)
+    hi = lo + int(np.ceil((hi - lo) / factor)) * factor
+    out = []
+    for c in counts:
+        c = np.r_[np.asarray(c, float), np.zeros(max(0, hi - len(c)))]
+        out.append(c[lo:hi].reshape(-1, factor).sum(axis=1))
+    step = edges[1] - edges[0]
+    return edges[0] + step * np.arange(lo, hi + 1, factor), out
+
+
+def score_histograms(records: list, title: str = "Verification: cosine of genuine and "
+                     "impostor pairs") -> Figure:
+    """One panel per head: the distribution of the cosine similarity of genuine
+    pairs (same class) and of impostor pairs (different classes), each
+    normalised to its own total, from the run records' ``metrics.curves``. The
+    less the two overlap, the better the embeddings verify."""
+    items = _curves_of(records)
+    cols = min(len(items), 4)
+    rows = int(np.ceil(len(items) / cols))
+    fig = Figure(figsize=(3.6 * cols + 0.4, 3.0 * rows + 0.8), layout="constrained")
+    for i, (head, curves, m) in enumerate(items):
+        ax = fig.add_subplot(rows, cols, i + 1)
+        edges, (imp, gen) = _rebin(np.asarray(curves["cos_edges"], float),
+                                   [curves["impostor_counts"], curves["genuine_counts"]])
+        for counts, label, color in ((imp, "impostor", "tab:red"), (gen, "genuine", "tab:blue")):
+            ax.stairs(counts / max(counts.sum(), 1), edges, fill=True, alpha=0.35, color=color,
+                      label=label)
+            ax.stairs(counts / max(counts.sum(), 1), edges, color=color, lw=1.2)
+        auc = (m.get("verification") or {}).get("roc_auc")
+        ax.set_title(f"{HEAD_LABELS.get(head, head)}" + (f" (AUROC {auc:.3f})" if auc else ""),
+                     fontsize=10)
+        ax.set_xlabel("cosine similarity (zoomed to 99.8 % of pairs)")
+        if i % cols == 0:
+            ax.set_ylabel("fraction of pairs")
+        ax.set_xlim(edges[0], edges[-1])
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="upper left")
+    fig.suptitle(f"{title} ({_set_label(items[0][2])})")
+    return fig
+
+
+def roc_curves(records: list, title: str = "Verification ROC") -> Figure:
+    """Every head's ROC on one plot: true accept rate against false accept rate
+    (log scale, down to 1 / the number of impostor pairs), with the AUROC in
+    the legend."""
+    items = _curves_of(records)
+    fig = Figure(figsize=(6.4, 4.6), layout="constrained")
+    ax = fig.add_subplot()
+    for head, curves, m in items:
+        far = np.asarray(curves["roc"]["far"], float)
+        tar = np.asarray(curves["roc"]["tar"], float)
+        auc = (m.get("verification") or {}).get("roc_auc")
+        label = HEAD_LABELS.get(head, head) + (f" (AUROC {auc:.3f})" if auc else "")
+        ax.plot(far, tar, color=COLORS.get(head), lw=1.8, label=label)
+    lo = min(min(c["roc"]["far"]) for _, c, _ in items)
+    chance = np.logspace(np.log10(lo), 0, 50)
+    ax.plot(chance, chance, ls="--", lw=1, color="0.6", label="chance (TAR = FAR)")
+    ax.set_xscale("log")
+    ax.set_xlim(right=1.0)
+    ax.set_ylim(0, 1.01)
+    ax.set_xlabel("false accept rate (impostor pairs accepted)")
+    ax.set_ylabel("true accept rate (genuine pairs accepted)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(loc="upper left", fontsize=9)
+    ax.set_title(f"{title} ({_set_label(items[0][2])})")
+    return fig
+
+
 def figures_from_results(results: dict, data=None) -> dict:
     """Every figure of a results.json (seed 0 of each head): per-run loss curves,
     the comparison, the margin distributions and, with the data set, the
@@ -219,16 +312,32 @@ def figures_from_results(results: dict, data=None) -> dict:
             list(first.values()),
             f"{dataset} ({results['preset']} preset): $\\theta_y$ of the first test images, "
             "per epoch")
+    with_curves = [r for r in first.values() if (r.get("metrics") or {}).get("curves")]
+    if with_curves:
+        tag = f"{dataset}, {results['preset']}"
+        figs["scores"] = score_histograms(with_curves, f"{tag}: cosine of genuine and impostor "
+                                                       "pairs")
+        figs["roc"] = roc_curves(with_curves, f"{tag}: verification ROC")
     if data is not None:
         run = first.get("adaface") or next(iter(first.values()))
         idx = np.asarray(run["sample_indices"])
-        cifar = dataset == "cifar10"
-        figs["samples"] = sample_grid(data.test_images[idx], data.test_labels[idx],
-                                      np.asarray(run["sample_predictions"]),
-                                      data.classes if cifar else None,
-                                      rows=1 if cifar else 2, cols=5,
-                                      title=f"{HEAD_LABELS.get(run['head'], run['head'])}: "
-                                            "random test images")
+        test_x, test_y, names = data.test_images, data.test_labels, data.classes
+        cifar = test_x.shape[1] == 3          # colour images: one wider row
+        seen = (run.get("classes") or {}).get("seen")
+        if seen is not None:          # open protocol: indices into the seen classes' test set
+            keep = np.isin(test_y, seen)
+            lut = {c: i for i, c in enumerate(seen)}
+            test_x, test_y = test_x[keep], np.array([lut[c] for c in test_y[keep]], np.int64)
+            names = [names[c] for c in seen]
+        idx = idx[idx < len(test_y)]
+        cols = 5
+        rows = 1 if (cifar or len(idx) < 2 * cols) else 2
+        if len(idx) >= cols:
+            figs["samples"] = sample_grid(test_x[idx], test_y[idx],
+                                          np.asarray(run["sample_predictions"]), names,
+                                          rows=rows, cols=cols,
+                                          title=f"{HEAD_LABELS.get(run['head'], run['head'])}: "
+                                                "random test images")
     return figs
 
 

@@ -19,11 +19,13 @@ from dataclasses import dataclass, field, fields, replace
 from . import nn
 
 __all__ = ["RunConfig", "HeadConfig", "LayerSpec", "runs", "build", "build_net", "build_head",
+           "adapt", "input_shape_of", "PROTOCOLS",
            "REPORT_ACCURACY", "PRESETS", "DATASETS", "HEADS", "EPOCHS", "INPUT_SHAPES",
            "DEFAULT_PRESET", "STUDY_SEEDS", "BATCH_SIZE", "EXTRA_HEADS", "ARCFACE_RULES",
            "with_overrides"]
 
 PRESETS = ("report", "paper", "fair")
+PROTOCOLS = ("closed", "open")   # train on every class / on a seeded half (docs/evaluation.md)
 DEFAULT_PRESET = "report"
 DATASETS = ("mnist", "cifar10")
 HEADS = ("softmax", "cosface", "arcface", "adaface")   # the heads the presets use
@@ -189,9 +191,11 @@ INPUT_SHAPES = {"mnist": (1, 28, 28), "cifar10": (3, 32, 32)}
 _RUN_FIELDS = ("dataset", "preset", "head", "layers", "head_config", "lr", "epochs",
                "batch_size", "train_head", "eval_rule", "kaiming_linear", "report_accuracy",
                "num_classes", "embedding_dim", "notes")
-# written only when not at their defaults, so records made before they existed
-# and runs that do not use them have the same JSON form
-_OPTIONAL_RUN_FIELDS = {"margin_warmup": 0, "softmax_warmup": 0}
+# written only when not at their defaults, so records made before they existed,
+# closed runs on the official data and runs that do not use them keep the
+# records (and run names) they always had
+_OPTIONAL_RUN_FIELDS = {"margin_warmup": 0, "softmax_warmup": 0, "protocol": "closed",
+                        "input_shape": None}
 
 
 @dataclass(init=False)
@@ -199,7 +203,11 @@ class RunConfig:
     """Everything one training run needs; JSON-serialisable through to_dict().
 
     ``head`` is the head's name, ``head_config`` its typed settings and
-    ``layers`` a list of LayerSpec. For the records written so far, the
+    ``layers`` a list of LayerSpec. ``protocol`` is "closed" (train and test on
+    every class) or "open" (train on a seeded half of the classes, evaluate on
+    the other half; ``num_classes`` is then the trained half's). ``input_shape``
+    (C, H, W) is None for the preset data sets' own shapes (INPUT_SHAPES) and
+    set by ``adapt`` for other data. For the records written so far, the
     constructor also takes the head's settings as a dict (positionally where
     head_config goes, or as ``head_kwargs=``) and layers as tuples or lists.
     """
@@ -221,6 +229,8 @@ class RunConfig:
     notes: list = field(default_factory=list)
     margin_warmup: int = 0         # epochs of linear margin warm-up (training.fit)
     softmax_warmup: int = 0        # epochs with the margins at 0 first (training.fit)
+    protocol: str = "closed"
+    input_shape: tuple | None = None
 
     def __init__(self, dataset: str, preset: str, head, layers, head_config=None,
                  lr: float | None = None, epochs: int | None = None,
@@ -229,7 +239,7 @@ class RunConfig:
                  report_accuracy: float | None = None, num_classes: int = 10,
                  embedding_dim: int = 128, notes: list | None = None, *,
                  head_kwargs: Mapping | None = None, margin_warmup: int = 0,
-                 softmax_warmup: int = 0):
+                 softmax_warmup: int = 0, protocol: str = "closed", input_shape=None):
         if isinstance(head, HeadConfig):
             head_config, head = (head if head_config is None else head_config), head.kind
         if head_kwargs is not None:
@@ -251,6 +261,14 @@ class RunConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name}: expected a non-negative number of epochs, got "
                                  f"{value!r}")
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"protocol: expected one of {PROTOCOLS}, got {protocol!r}")
+        if input_shape is not None:
+            input_shape = tuple(input_shape)
+            if len(input_shape) != 3 or any(isinstance(v, bool) or not isinstance(v, int)
+                                            or v < 1 for v in input_shape):
+                raise ValueError(f"input_shape: expected (C, H, W) of positive ints, got "
+                                 f"{input_shape!r}")
         self.dataset, self.preset, self.head = dataset, preset, head
         self.layers = [LayerSpec.coerce(layer) for layer in layers]
         self.head_config = head_config
@@ -260,13 +278,16 @@ class RunConfig:
         self.num_classes, self.embedding_dim = num_classes, embedding_dim
         self.notes = list(notes) if notes is not None else []
         self.margin_warmup, self.softmax_warmup = margin_warmup, softmax_warmup
+        self.protocol, self.input_shape = protocol, input_shape
 
     @property
     def name(self) -> str:
         """``dataset-preset-head``, followed by what differs from the preset's
         head (``_name_suffix``): e.g. cifar10-fair-arcface-easy,
-        cifar10-fair-arcface-mwarm5, cifar10-fair-combined-1-0.3-0.2."""
-        return f"{self.dataset}-{self.preset}-{self.head}" + _name_suffix(self)
+        cifar10-fair-arcface-mwarm5, cifar10-fair-combined-1-0.3-0.2; plus
+        ``-open`` under the open protocol."""
+        suffix = "" if self.protocol == "closed" else f"-{self.protocol}"
+        return f"{self.dataset}-{self.preset}-{self.head}" + _name_suffix(self) + suffix
 
     @property
     def head_kwargs(self) -> dict:
@@ -296,8 +317,9 @@ class RunConfig:
             else:
                 out[name] = getattr(self, name)
         for name, default in _OPTIONAL_RUN_FIELDS.items():
-            if getattr(self, name) != default:
-                out[name] = getattr(self, name)
+            value = getattr(self, name)
+            if value != default:
+                out[name] = list(value) if isinstance(value, tuple) else value
         return out
 
     @classmethod
@@ -352,11 +374,17 @@ def runs(dataset: str, preset: str, epochs: int | None = None,
 
 
 def _preset_head(config: RunConfig) -> HeadConfig | None:
-    """The head a preset gives this run's data set and head (None: unknown)."""
-    if config.dataset not in DATASETS or config.preset not in PRESETS:
+    """The head a preset gives this run's data set and head (None: unknown).
+    A run on other data (``adapt``) takes the head of the official data set
+    whose network it adapted: CIFAR-10's for colour images, MNIST's otherwise."""
+    if config.preset not in PRESETS:
         return None
+    dataset = config.dataset
+    if dataset not in DATASETS:
+        colour = config.input_shape is not None and config.input_shape[0] == 3
+        dataset = "cifar10" if colour else "mnist"
     extra = list(EXTRA_HEADS) if config.preset == "fair" else []
-    for c in runs(config.dataset, config.preset, 1, extra):
+    for c in runs(dataset, config.preset, 1, extra):
         if c.head == config.head:
             return c.head_config
     return None
@@ -445,11 +473,69 @@ def build_head(config: RunConfig) -> nn._Head:
     return config.head_config.build(config.num_classes, config.embedding_dim)
 
 
+def input_shape_of(config: RunConfig) -> tuple:
+    """The (C, H, W) a run's network takes: its ``input_shape``, else its preset
+    data set's."""
+    if config.input_shape is not None:
+        return tuple(config.input_shape)
+    if config.dataset not in INPUT_SHAPES:
+        raise ValueError(f"config: data set {config.dataset!r} has no known input shape; "
+                         "set input_shape (presets.adapt does)")
+    return INPUT_SHAPES[config.dataset]
+
+
+def adapt(config: RunConfig, input_shape, num_classes: int, dataset: str | None = None
+          ) -> RunConfig:
+    """A copy of `config` for images of `input_shape` (C, H, W) and
+    `num_classes` classes: the first convolution takes C channels and the first
+    linear layer after the flatten the flattened size, computed from the layer
+    list (3x3 convolutions keep the size, each 2x2 pool halves it, so H and W
+    must be divisible by 2 ** pools). `dataset` renames the run's data set."""
+    shape = tuple(int(v) for v in input_shape)
+    if len(shape) != 3 or min(shape) < 1:
+        raise ValueError(f"input_shape: expected (C, H, W) of positive sizes, got {input_shape!r}")
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+        raise ValueError(f"num_classes: expected an int >= 2, got {num_classes!r}")
+    layers = [LayerSpec.coerce(layer) for layer in config.layers]
+    pools = sum(layer.kind == "pool" for layer in layers)
+    c, h, w = shape
+    if h % 2 ** pools or w % 2 ** pools:
+        raise ValueError(f"input_shape: the {config.preset} network for {config.head} has "
+                         f"{pools} 2x2 max-pools, so image height and width must be divisible by "
+                         f"{2 ** pools}; the data's images are {h}x{w} (resize or crop them, "
+                         f"e.g. to {max(2 ** pools, h - h % 2 ** pools)}x"
+                         f"{max(2 ** pools, w - w % 2 ** pools)})")
+    out, cur, first_conv, first_linear = [], (c, h, w), True, True
+    for layer in layers:
+        if layer.kind == "conv":
+            if first_conv:
+                layer = LayerSpec("conv", cur[0], layer.out_features)
+                first_conv = False
+            cur = (layer.out_features, cur[1], cur[2])
+        elif layer.kind == "pool":
+            cur = (cur[0], cur[1] // 2, cur[2] // 2)
+        elif layer.kind == "flatten":
+            cur = (cur[0] * cur[1] * cur[2],)
+        elif layer.kind == "linear":
+            if first_linear:
+                layer = LayerSpec("linear", cur[0], layer.out_features)
+                first_linear = False
+            cur = (layer.out_features,)
+        out.append(layer)
+    new = RunConfig.from_dict(config.to_dict())
+    new.layers = out
+    new.input_shape = shape
+    new.num_classes = num_classes
+    if dataset is not None:
+        new.dataset = dataset
+    return new
+
+
 def build(config: RunConfig, seed: int = 0) -> nn.Trainer:
     """Network, head and Adam for a run, initialised from `seed`: runs that share
     a seed and a network start from the same weights."""
     nn.manual_seed(seed)
-    net = build_net(config.layers, INPUT_SHAPES[config.dataset], config.kaiming_linear)
+    net = build_net(config.layers, input_shape_of(config), config.kaiming_linear)
     head = build_head(config)
     params = net.parameters() + (head.parameters() if config.train_head else [])
     return nn.Trainer(net, head, nn.Adam(params, lr=config.lr))

@@ -58,14 +58,16 @@ class RunsFailed(RuntimeError):
         super().__init__("\n".join(lines))
 
 
-def plan(datasets, presets_, seeds: dict, epochs=None, heads=None, overrides=None) -> list:
+def plan(datasets, presets_, seeds: dict, epochs=None, heads=None, overrides=None,
+         protocol="closed") -> list:
     """(run id, config, seed) of every run in the grid, seed by seed within a
     data set, so that an unfinished grid holds whole seeds of every cell (and
     paired comparisons) rather than all seeds of the first cells. `heads`
     keeps only the runs of those heads (None: every head of each preset; the
     fair preset's EXTRA_HEADS run only when named, or, for "combined", when
     `overrides` sets m1, m2 or m3). `overrides`: head settings and warm-ups
-    for presets.with_overrides (checked before anything runs)."""
+    for presets.with_overrides (checked before anything runs). `protocol`
+    "open" names the runs ``...-open-seedN``."""
     datasets, presets_ = list(datasets), list(presets_)
     if not datasets or set(datasets) - set(presets.DATASETS):
         raise ValueError(f"datasets: expected some of {presets.DATASETS}, got {datasets!r}")
@@ -78,6 +80,8 @@ def plan(datasets, presets_, seeds: dict, epochs=None, heads=None, overrides=Non
         n = seeds[dataset]
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"seeds: expected a positive number of seeds for {dataset}, got {n!r}")
+    if protocol not in presets.PROTOCOLS:
+        raise ValueError(f"protocol: expected one of {presets.PROTOCOLS}, got {protocol!r}")
     if heads is not None:
         heads = list(heads)
         known = presets.HEADS + presets.EXTRA_HEADS
@@ -105,6 +109,7 @@ def plan(datasets, presets_, seeds: dict, epochs=None, heads=None, overrides=Non
         for seed in range(seeds[dataset]):
             for preset in presets_:
                 for config in grid[dataset, preset]:
+                    config.protocol = protocol
                     tasks.append((f"{config.name}-seed{seed}", config, seed))
     return tasks
 
@@ -192,7 +197,8 @@ def write_summary(out, summary: dict, records: list | None = None) -> None:
 
 def study(datasets=("mnist",), presets=PRESETS, seeds=None, out="study",
           epochs=None, subset=None, data_root=None, workers=None, threads_per_worker=1,
-          scheduler=None, max_runs=None, progress=True, heads=None, overrides=None) -> dict:
+          scheduler=None, max_runs=None, progress=True, heads=None, overrides=None,
+          protocol="closed") -> dict:
     """Run the grid (skipping finished runs) and write the summary; returns it.
 
     `seeds` is an int or {dataset: n}. `workers` defaults to the number of cores
@@ -203,7 +209,9 @@ def study(datasets=("mnist",), presets=PRESETS, seeds=None, out="study",
     and adaface first); `overrides` changes head settings and adds warm-ups
     (plan). The summary covers every run in the folder. A run that
     raises does not stop the others: the finished runs are written and
-    summarised, then RunsFailed names the failed ones (a restart retries them)."""
+    summarised, then RunsFailed names the failed ones (a restart retries them).
+    `protocol` ("closed" or "open") is part of each run's name, and the summary
+    holds the runs of that protocol only."""
     datasets, presets = list(datasets), list(presets)
     if seeds is None:
         seeds = dict(STUDY_SEEDS)
@@ -211,7 +219,8 @@ def study(datasets=("mnist",), presets=PRESETS, seeds=None, out="study",
         seeds = {d: seeds for d in datasets}
     if not isinstance(threads_per_worker, int) or threads_per_worker < 1:
         raise ValueError(f"threads_per_worker: expected a positive int, got {threads_per_worker!r}")
-    tasks = plan(datasets, presets, seeds, epochs, heads, overrides)   # checks the arguments first
+    tasks = plan(datasets, presets, seeds, epochs, heads, overrides,
+                 protocol)   # checks the arguments first
     out = Path(out)
     runs_dir = out / "runs"
     runs_dir.mkdir(parents=True, exist_ok=True)
@@ -293,7 +302,7 @@ def study(datasets=("mnist",), presets=PRESETS, seeds=None, out="study",
             _stop(pool)
             raise
         pool.shutdown()
-    records = _read_runs(out)
+    records = [r for r in _read_runs(out) if r.get("protocol", "closed") == protocol]
     summary = summarize(out, planned=len(tasks), records=records)
     summary["command_hint"] = ("adaloss study --datasets " + ",".join(datasets) + " --presets "
                                + ",".join(presets) + " --seeds "
@@ -302,7 +311,8 @@ def study(datasets=("mnist",), presets=PRESETS, seeds=None, out="study",
                                + (f" --epochs {epochs}" if epochs else "")
                                + (f" --subset {subset}" if subset else "")
                                + "".join(f" --{_FLAGS.get(k, k.replace('_', '-'))} {v}"
-                                         for k, v in (overrides or {}).items()))
+                                         for k, v in (overrides or {}).items())
+                               + (f" --protocol {protocol}" if protocol != "closed" else ""))
     write_summary(out, summary, records)
     if failures:
         raise RunsFailed(failures, summary)

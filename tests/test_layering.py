@@ -5,7 +5,7 @@ Layers, from the bottom (a module may import only from a lower layer):
     _version, _core, fileio, stats      leaves
     nn, datasets                        C handles, data sets
     the package (__init__)              the facade: imports _core and nn
-    presets, checkpoint                 configurations, checkpoint files
+    presets, checkpoint, datasources    configurations, checkpoint files, any data set
     training, plots                     fit / evaluate, figures
     runs                                the unit of work (build, fit, record)
     study                               the multi-seed grid
@@ -32,7 +32,7 @@ LAYERS = [
     {"_version", "_core", "fileio", "stats", "metrics"},
     {"nn", "datasets"},
     {"__init__"},
-    {"presets", "checkpoint"},
+    {"presets", "checkpoint", "datasources"},
     {"training", "plots"},
     {"runs"},
     {"study"},

@@ -1,0 +1,183 @@
+"""The closed and open protocols: the split is seeded and recorded, the open
+head has one class per seen class, closed runs keep their names, records and
+numbers; the study keeps protocols apart; the metrics and their figures."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import synthetic
+from adaloss import datasets, plots, presets, runs, study
+
+
+@pytest.fixture(scope="module")
+def data():
+    x_tr, y_tr, x_te, y_te = synthetic.arrays(classes=6, per_class=30, shape=(1, 16, 16))
+    return datasets.Dataset(x_tr, y_tr, x_te, y_te, classes=[f"c{i}" for i in range(6)],
+                            name="toy")
+
+
+def test_the_split_is_a_seeded_half_of_the_classes():
+    for seed in range(5):
+        seen, unseen = runs.split_classes(10, seed)
+        assert (seen, unseen) == runs.split_classes(10, seed)      # deterministic
+        assert len(seen) == len(unseen) == 5 and sorted(seen + unseen) == list(range(10))
+        assert seen == sorted(seen)
+    assert len({tuple(runs.split_classes(10, s)[0]) for s in range(5)}) > 1   # seeds differ
+    assert [len(h) for h in runs.split_classes(7, 0)] == [4, 3]
+    with pytest.raises(ValueError, match="at least 4 classes"):
+        runs.split_classes(3, 0)
+
+
+def test_protocol_data_keeps_the_seen_classes_relabelled(data):
+    seen = [1, 4, 5]
+    part = runs.protocol_data(data, seen)
+    assert set(part.train_labels.tolist()) == {0, 1, 2}
+    np.testing.assert_array_equal(part.train_images[part.train_labels == 1],
+                                  data.train_images[data.train_labels == 4])
+    assert part.classes == ["c1", "c4", "c5"]
+    assert len(part.test_labels) == np.isin(data.test_labels, seen).sum()
+
+
+def test_an_open_run_trains_k_classes_and_records_its_split(data, tmp_path):
+    config = runs.configs(data, "fair", epochs=1, protocol="open")[2]
+    assert config.name == "toy-fair-arcface-open" and config.protocol == "open"
+    record = runs.run_one(config, 3, data, progress=False, model_path=tmp_path / "m.ckpt")
+    seen, unseen = runs.split_classes(6, 3)
+    assert record["classes"] == {"seen": seen, "unseen": unseen}
+    assert record["protocol"] == "open" and record["config"]["num_classes"] == 3
+    assert record["config"]["protocol"] == "open"
+    m = record["metrics"]
+    assert m["classes"] == record["classes"]
+    assert m["num_unseen_test"] == np.isin(data.test_labels, unseen).sum()
+    assert m["retrieval"]["num_queries"] == m["num_unseen_test"]      # unseen images only
+    assert set(m["open_set"]) >= {"class_weights", "gallery"}
+    assert m["open_set"]["num_known"] == np.isin(data.test_labels, seen).sum()
+    assert 0 <= m["open_set"]["class_weights"]["auroc"] <= 1
+    assert m["seen_accuracy"] == pytest.approx(record["test_accuracy_plain"])
+    config2, trainer, extra = runs.load_model(tmp_path / "m.ckpt")
+    assert trainer.head.num_classes == 3 and trainer.head.weight.shape == (3, 128)
+    assert extra["classes"]["seen"] == seen and config2.protocol == "open"
+    again = runs.evaluate_model(trainer.net, trainer.head, data, "open", 3, seen)
+    assert again == m
+
+
+def test_closed_runs_keep_their_names_records_and_numbers(data):
+    config = runs.configs(data, "fair", epochs=1)[0]
+    for ds, preset in (("mnist", "report"), ("cifar10", "fair")):
+        for c in presets.runs(ds, preset):
+            assert c.name == f"{ds}-{preset}-{c.head}"
+            assert "protocol" not in c.to_dict() and "input_shape" not in c.to_dict()
+            assert presets.RunConfig.from_dict(c.to_dict()) == c
+    with_metrics = runs.run_one(config, 0, data, progress=False)
+    without = runs.run_one(config, 0, data, progress=False, evaluate=False)
+    assert "metrics" not in without and with_metrics["protocol"] == "closed"
+    for key in ("test_accuracy", "test_accuracy_plain", "theta_hist", "sample_predictions"):
+        assert with_metrics[key] == without[key]       # measuring changes nothing
+    assert with_metrics["history"]["train_loss"] == without["history"]["train_loss"]
+    m = with_metrics["metrics"]
+    assert m["open_set"] is None and m["accuracy"] == pytest.approx(without["test_accuracy"])
+    assert m["retrieval"]["num_queries"] == len(data.test_labels)
+    n = len(data.test_labels)
+    assert m["verification"]["num_pairs"] == n * (n - 1) // 2
+    json.dumps(m, allow_nan=False)
+
+
+def test_the_curves_are_the_exact_histograms_of_the_pair_cosines(data):
+    rng = np.random.default_rng(0)
+    emb = rng.normal(size=(60, 8)).astype(np.float32)
+    labels = np.repeat(np.arange(6), 10)
+    out = runs._embedding_metrics(emb, labels, seed=0)
+    e = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+    i, j = np.triu_indices(60, 1)
+    cos = np.einsum("pd,pd->p", e[i].astype(np.float64), e[j].astype(np.float64))
+    genuine = labels[i] == labels[j]
+    edges = np.asarray(out["curves"]["cos_edges"])
+    # tiny float differences may move a score across a bin edge: compare cumulatively
+    for key, mask in (("genuine_counts", genuine), ("impostor_counts", ~genuine)):
+        counts = np.asarray(out["curves"][key])
+        assert counts.sum() == mask.sum()
+        expected, _ = np.histogram(cos[mask], bins=edges)
+        assert np.abs(np.cumsum(counts) - np.cumsum(expected)).max() <= 1
+    far = np.asarray(out["curves"]["roc"]["far"])
+    assert far.min() * out["verification"]["num_impostor"] >= 1      # no FAR below 1 / N
+    assert np.all(np.diff(out["curves"]["roc"]["tar"]) >= 0)
+
+
+def test_the_verification_figures(data, tmp_path):
+    config = runs.configs(data, "fair", epochs=1)
+    records = [runs.run_one(c, 0, data, progress=False) for c in (config[0], config[3])]
+    fig = plots.score_histograms(records)
+    assert len(fig.axes) == 2 and fig.axes[0].get_title().startswith("Softmax (AUROC ")
+    assert [t.get_text() for t in fig.axes[1].get_legend().get_texts()] == ["impostor", "genuine"]
+    fig = plots.roc_curves(records)
+    (ax,) = fig.axes
+    assert ax.get_xscale() == "log" and len(ax.get_lines()) == 3   # two heads, chance
+    np.testing.assert_allclose(ax.get_lines()[1].get_ydata(),
+                               records[1]["metrics"]["curves"]["roc"]["tar"])
+    plots.save(fig, tmp_path / "roc.png")
+    figs = plots.figures_from_results({"dataset": "toy", "preset": "fair", "runs": records}, data)
+    assert {"scores", "roc", "samples"} <= set(figs)
+    with pytest.raises(ValueError, match="no run holds"):
+        plots.roc_curves([{"head": "arcface"}])
+
+
+def test_the_study_names_open_runs_apart_and_never_mixes_protocols(tmp_path):
+    closed = study.plan(["mnist"], ["fair"], {"mnist": 1}, heads=["arcface"])
+    opened = study.plan(["mnist"], ["fair"], {"mnist": 1}, heads=["arcface"], protocol="open")
+    assert [t[0] for t in closed] == ["mnist-fair-arcface-seed0"]
+    assert [t[0] for t in opened] == ["mnist-fair-arcface-open-seed0"]
+    assert opened[0][1].protocol == "open"
+    with pytest.raises(ValueError, match="protocol"):
+        study.plan(["mnist"], ["fair"], {"mnist": 1}, protocol="half")
+    runs_dir = tmp_path / "runs"
+    runs_dir.mkdir()
+
+    def record(rid, config, acc, protocol):
+        rec = {"name": config.name, "head": config.head, "seed": 0, "dataset": "mnist",
+               "preset": "fair", "test_accuracy": acc, "test_accuracy_plain": acc,
+               "wall_seconds": 1.0, "threads": 1, "subset": None, "config": config.to_dict(),
+               "history": {"epochs": [1], "test_accuracy": [acc], "train_loss": [1.0]}}
+        if protocol:
+            rec["protocol"] = protocol
+        (runs_dir / f"{rid}.json").write_text(json.dumps(rec))
+
+    record(closed[0][0], closed[0][1], 0.9, None)          # a record written before protocols
+    record(opened[0][0], opened[0][1], 0.5, "open")
+    for protocol, acc in (("open", 50.0), ("closed", 90.0)):
+        summary = study.study(["mnist"], ["fair"], 1, tmp_path, heads=["arcface"], max_runs=0,
+                              progress=False, protocol=protocol)
+        assert summary["runs"] == 1 and summary["cells"][0]["accuracies"] == [acc]
+
+
+def test_the_cli_offers_the_protocols_and_evaluate():
+    from adaloss import cli
+
+    choices = cli.parser()._subparsers._group_actions[0].choices
+    for command, options in (("reproduce", ("--protocol", "--test-fraction", "--no-models",
+                                           "--metrics-every-epoch")),
+                             ("study", ("--protocol",)),
+                             ("evaluate", ("--dataset", "--protocol", "--data-root", "--subset",
+                                           "--json"))):
+        text = choices[command].format_help()
+        for opt in options:
+            assert opt in text, (command, opt)
+    args = cli.parser().parse_args(["study", "--protocol", "open"])
+    assert args.protocol == "open"
+    with pytest.raises(SystemExit):
+        cli.parser().parse_args(["reproduce", "--dataset", "mnist", "--protocol", "half"])
+
+
+def test_metrics_every_epoch_are_recorded_without_changing_training(data):
+    config = runs.configs(data, "fair", epochs=2, protocol="open")[3]
+    plain = runs.run_one(config, 1, data, progress=False)
+    each = runs.run_one(config, 1, data, progress=False, metrics_every_epoch=True)
+    assert "metrics_per_epoch" not in plain
+    assert [m["epoch"] for m in each["metrics_per_epoch"]] == [1, 2]
+    assert each["history"]["train_loss"] == plain["history"]["train_loss"]
+    assert each["metrics"] == plain["metrics"]
+    last = each["metrics_per_epoch"][-1]
+    assert last["map_at_r"] == each["metrics"]["retrieval"]["map_at_r"]
+    assert last["open_set_auroc_gallery"] == each["metrics"]["open_set"]["gallery"]["auroc"]
