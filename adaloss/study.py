@@ -354,6 +354,16 @@ def run_task(config_dict: dict, seed: int, data_root, subset, threads: int) -> d
     return record
 
 
+def _config_of(record: dict, epochs):
+    """The configuration this version gives a record's run (by its data set,
+    preset and head, at `epochs`), or None for a run no preset makes."""
+    try:
+        configs = presets.runs(record["dataset"], record["preset"], epochs)
+    except ValueError:
+        return None
+    return next((c for c in configs if c.head == record["head"]), None)
+
+
 def _same_run_key(config, seed: int) -> str:
     """Equal for two cells of the grid that make the very same run: the whole
     configuration but the preset's name (and its report number and notes)."""
@@ -457,9 +467,10 @@ def study(datasets=("mnist",), presets=PRESETS, seeds=None, out="study",
     summarised, then RunsFailed names the failed ones (a restart retries them).
 
     A run's record is reused only when it holds the very settings asked for
-    (see RECORD_SETTINGS); otherwise RecordsMismatch names the records and
-    settings, unless `rerun_mismatched`, which trains those runs again (the old
-    records go to runs/.mismatched/). Bad record files go to runs/.bad/. The
+    (see RECORD_SETTINGS); every record in the folder must, since the summary
+    covers them all. Otherwise RecordsMismatch names the records and settings,
+    unless `rerun_mismatched`, which moves them to runs/.mismatched/ and trains
+    those of this grid again. Bad record files go to runs/.bad/. The
     folder is locked (out/.lock) while the study runs: a second study on it
     raises FolderBusy. SIGTERM stops the study like Ctrl-C (Terminated)."""
     datasets, presets = list(datasets), list(presets)
@@ -497,24 +508,32 @@ def _study_locked(out, tasks, datasets, presets, seeds, epochs, subset, data_roo
     # copy of the record marked "same_run_as".
     key = {rid: _same_run_key(c, seed) for rid, c, seed in tasks}
     present = {rid for rid, _, _ in tasks if (runs_dir / f"{rid}.json").exists()}
+    planned = {rid: (config, seed) for rid, config, seed in tasks}
     finished, mismatches = {}, {}
-    for rid, config, seed in tasks:
-        if rid not in present:
-            continue
-        path = runs_dir / f"{rid}.json"
+    # every record in the folder is summarised under this command, so every
+    # one must hold this command's settings, planned now or not (--heads)
+    for path in sorted(runs_dir.glob("*.json")):
         record = json.loads(path.read_text())         # checked by _set_aside_bad_records
-        diffs = _differences(record, record_settings(config, seed, subset, threads_per_worker))
+        config, seed = planned.get(path.stem) or (_config_of(record, epochs), record["seed"])
+        if config is None:
+            diffs = {"dataset/preset/head": (f"{record['dataset']}/{record['preset']}/"
+                                             f"{record['head']}", _MISSING)}
+        else:
+            diffs = _differences(record, record_settings(config, seed, subset,
+                                                         threads_per_worker))
         if diffs:
             mismatches[path] = diffs
-        else:
-            finished.setdefault(key[rid], record)
+        elif path.stem in planned:
+            finished.setdefault(key[path.stem], record)
     if mismatches and not rerun_mismatched:
         raise RecordsMismatch(runs_dir, mismatches)   # nothing changed yet
     for path in mismatches:
         dest = _move_aside(path, ".mismatched")
         present.discard(path.stem)
         print(f"study: {path.name} was made with other settings "
-              f"({', '.join(mismatches[path])}); moved to {dest}, the run is trained again",
+              f"({', '.join(mismatches[path])}); moved to {dest}, "
+              + ("the run is trained again" if path.stem in planned else
+                 "it is not in this command's grid (run that grid to train it again)"),
               file=sys.stderr, flush=True)
     configs = {rid: c for rid, c, _ in tasks}
     todo, copied = [], 0

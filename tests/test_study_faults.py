@@ -444,3 +444,27 @@ def test_plot_validates_results_json_and_never_downloads(tmp_path, monkeypatch, 
     err = capsys.readouterr().err
     assert downloads == [] and "no sample grid" in err and "never downloads" in err
     assert (folder / "comparison.png").exists() and not (folder / "samples.png").exists()
+
+
+def test_records_outside_the_asked_heads_must_match_too(tmp_path, capsys):
+    # every record in the folder is summarised under the new command line
+    write_grid(tmp_path, subset=200)
+    assert study.study(out=tmp_path, max_runs=0, progress=False, heads=["softmax"],
+                       **GRID)["runs"] == 4
+    with pytest.raises(study.RecordsMismatch) as err:
+        study.study(out=tmp_path, max_runs=0, progress=False, heads=["softmax"],
+                    **{**GRID, "subset": 300})
+    assert len(err.value.mismatches) == 4
+    # a run no preset makes is never taken as matching
+    path = tmp_path / "runs" / "mnist-fair-cosface-seed0.json"
+    path.write_text(json.dumps(dict(json.loads(path.read_text()), preset="best",
+                                    name="mnist-best-cosface")))
+    path.rename(tmp_path / "runs" / "mnist-best-cosface-seed0.json")
+    with pytest.raises(study.RecordsMismatch, match="mnist/best/cosface"):
+        study.study(out=tmp_path, max_runs=0, progress=False, **GRID)
+    # --rerun-mismatched sets aside what is outside the grid without training it
+    summary = study.study(out=tmp_path, max_runs=0, progress=False, heads=["softmax"],
+                          rerun_mismatched=True, **GRID)
+    assert summary["runs"] == 3
+    assert "not in this command's grid" in capsys.readouterr().err
+    assert (tmp_path / "runs" / ".mismatched" / "mnist-best-cosface-seed0.json").exists()
