@@ -337,6 +337,10 @@ def _load(dataset: str, data_root, subset):
     if key not in _DATA_CACHE:
         data = runs.load_data(dataset, data_root)
         if subset:
+            if subset > len(data.train_labels):
+                raise ValueError(f"subset: {subset:,} training images asked for, but {dataset} "
+                                 f"in {data_root or 'the default data root'} has "
+                                 f"{len(data.train_labels):,}")
             data = _datasets.subset(data, subset, max(10, subset // 5))
         _DATA_CACHE.clear()
         _DATA_CACHE[key] = data

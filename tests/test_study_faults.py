@@ -468,3 +468,10 @@ def test_records_outside_the_asked_heads_must_match_too(tmp_path, capsys):
     assert summary["runs"] == 3
     assert "not in this command's grid" in capsys.readouterr().err
     assert (tmp_path / "runs" / ".mismatched" / "mnist-best-cosface-seed0.json").exists()
+
+
+def test_a_worker_refuses_a_subset_larger_than_its_data(shared_data, monkeypatch):
+    # a data root with fewer images than the official set: the run fails by name
+    monkeypatch.setattr(study, "_DATA_CACHE", {})
+    with pytest.raises(ValueError, match="subset: 60,001 training images asked for, but mnist"):
+        study._load("mnist", shared_data, 60001)
