@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import (checkpoint, datasets, datasources, get_num_threads, presets, runs,
+from . import (_core, checkpoint, datasets, datasources, get_num_threads, presets, runs,
                set_num_threads, study)
 from ._version import __version__
 from .fileio import atomic_write
@@ -141,6 +141,31 @@ _DATASET_HELP = ("mnist, cifar10, or the path of your own data: a folder of IDX 
                  "(docs/evaluation.md)")
 
 
+# The C core's limit on its thread count (adaloss.set_num_threads).
+MAX_THREADS = _core.MAX_THREADS
+# Learning rates above this are refused: Adam diverges far below it, and the
+# presets use 1e-3 and 1e-4.
+MAX_LR = 1.0
+
+
+def _threads(value: str) -> int:
+    n = _positive(value)
+    if n > MAX_THREADS:
+        raise argparse.ArgumentTypeError(f"expected at most {MAX_THREADS} threads (the C core's "
+                                         f"limit; this machine has {os.cpu_count()} cores), "
+                                         f"got {value!r}")
+    return n
+
+
+def _learning_rate(value: str) -> float:
+    x = _positive_float(value)
+    if x > MAX_LR:
+        raise argparse.ArgumentTypeError(f"expected a learning rate of at most {MAX_LR:g} (Adam "
+                                         f"diverges far below that; the presets use 1e-3 and "
+                                         f"1e-4), got {value!r}")
+    return x
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="adaloss",
@@ -180,13 +205,14 @@ def parser() -> argparse.ArgumentParser:
                    help="results folder (default: results/<dataset>-<preset>)")
     r.add_argument("--force", action="store_true",
                    help="replace an existing results folder (never done without it)")
-    r.add_argument("--threads", type=_positive, default=None,
-                   help="threads for the C core (default: all cores)")
+    r.add_argument("--threads", type=_threads, default=None,
+                   help=f"threads for the C core, 1..{MAX_THREADS} (default: all cores)")
     r.add_argument("--subset", type=_positive, default=None, metavar="N",
                    help="train on N random training images and test on N/5 (quick runs)")
-    r.add_argument("--lr", type=_positive_float, default=None,
-                   help="Adam learning rate for every head (default: the preset's, 1e-3; "
-                        "1e-4 for the report's CIFAR-10 ArcFace network)")
+    r.add_argument("--lr", type=_learning_rate, default=None,
+                   help="Adam learning rate for every head, above 0 and at most "
+                        f"{MAX_LR:g} (default: the preset's, 1e-3; 1e-4 for the report's "
+                        "CIFAR-10 ArcFace network)")
     r.add_argument("--batch-size", type=_positive, default=None,
                    help=f"batch size (default: the report's {presets.BATCH_SIZE})")
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -225,14 +251,18 @@ def parser() -> argparse.ArgumentParser:
                          "(default: %(default)s)")
     st.add_argument("--workers", type=_positive, default=None,
                     help="worker processes (default: cores / threads per worker)")
-    st.add_argument("--threads-per-worker", type=_positive, default=1,
-                    help="C-core threads in each worker (default: 1)")
+    st.add_argument("--threads-per-worker", type=_threads, default=1,
+                    help=f"C-core threads in each worker, 1..{MAX_THREADS} (default: 1)")
     st.add_argument("--scheduler", default=None, metavar="ADDRESS",
                     help="send the runs to this Dask distributed scheduler instead")
     st.add_argument("--max-runs", type=_non_negative, default=None,
                     help="stop after this many new runs (resume later); 0 trains nothing and "
                          "only writes the summary of the runs finished so far")
     _head_options(st)
+    st.add_argument("--rerun-mismatched", action="store_true",
+                    help="train again the runs whose records in OUT/runs were made with other "
+                         "settings (subset, epochs, lr, ...), moving the old records to "
+                         "OUT/runs/.mismatched/; without it such records stop the study")
     pl = sub.add_parser("plot", help="make the figures again from a results folder",
                         description="Make the figures of a results folder again from its "
                                     "results.json (the sample grid needs the data set).")
@@ -336,49 +366,73 @@ def make_figures(folder: Path, results: dict, data=None) -> list:
     return written
 
 
+def _fail(message: str, code: int = 1) -> int:
+    print(f"adaloss: {message}", file=sys.stderr)
+    return code
+
+
+def _os_error(exc: OSError) -> str:
+    """What failed, with the path, from an OSError."""
+    reason = exc.strerror or str(exc)
+    return f"{reason}: {exc.filename}" if exc.filename else reason
+
+
+def _set_aside(staging: Path) -> Path:
+    """Move the unfinished results of an earlier run out of the way (never delete them)."""
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(staging.stat().st_mtime))
+    aside = staging.with_name(f"{staging.name}-{stamp}")
+    n = 1
+    while aside.exists():
+        aside, n = staging.with_name(f"{staging.name}-{stamp}.{n}"), n + 1
+    os.replace(staging, aside)
+    return aside
+
+
 def cmd_reproduce(args) -> int:
-    if args.threads:
-        set_num_threads(args.threads)
     official = args.dataset in presets.DATASETS
     suffix = "" if args.protocol == "closed" else f"-{args.protocol}"
     name = args.dataset if official else datasources.dataset_name(args.dataset)
     out = Path(args.out or f"results/{name}-{args.preset}{suffix}")
-    if out.exists() and any(out.iterdir()):
-        if not args.force:
-            print(f"adaloss: {out} exists; choose another --out or pass --force to replace it",
-                  file=sys.stderr)
-            return 2
+    if out.exists() and not out.is_dir():
+        return _fail(f"--out: {out} is a file, not a folder", 2)
+    try:
+        if out.exists() and any(out.iterdir()) and not args.force:
+            return _fail(f"{out} exists; choose another --out or pass --force to replace it", 2)
+    except OSError as exc:
+        return _fail(f"--out: cannot read {out} ({_os_error(exc)})", 2)
     wanted = [h.strip() for h in args.heads.split(",") if h.strip()] if args.heads else None
     extra = [h for h in presets.EXTRA_HEADS if (wanted and h in wanted)
              or (h == "combined" and _wants_combined(args))]
     if extra and args.preset != "fair":
-        print(f"adaloss: --heads/--m1/--m2/--m3: {extra} belong to the fair preset only, not "
-              f"{args.preset!r}", file=sys.stderr)
-        return 2
+        return _fail(f"--heads/--m1/--m2/--m3: {extra} belong to the fair preset only, not "
+                     f"{args.preset!r}", 2)
     # the heads and networks are the same on every data set: check the
     # selection and the overrides before any data is read or folder made
     heads = [c.head for c in presets.runs("mnist", args.preset, None, extra)]
     if wanted:
         unknown = set(wanted) - set(heads)
         if unknown:
-            print(f"adaloss: --heads: {sorted(unknown)} not in the {args.preset} preset "
-                  f"({heads})", file=sys.stderr)
-            return 2
+            return _fail(f"--heads: {sorted(unknown)} not in the {args.preset} preset ({heads})",
+                         2)
     selected = [c for c in presets.runs("mnist", args.preset, args.epochs, extra)
                 if wanted is None or c.head in wanted + extra]
     try:
         presets.with_overrides(selected, **_overrides(args))
     except ValueError as exc:
-        print(f"adaloss: {exc}", file=sys.stderr)
-        return 2
+        return _fail(str(exc), 2)
+    if args.threads:
+        if args.threads > (os.cpu_count() or 1):
+            print(f"adaloss: --threads {args.threads} is more than this machine's "
+                  f"{os.cpu_count()} cores; training will be slower, not faster",
+                  file=sys.stderr)
+        set_num_threads(args.threads)
     try:
         data = runs.load_data(args.dataset, args.data_root, args.test_fraction)
         configs = runs.configs(data, args.preset, args.epochs, args.protocol, extra)
         if args.protocol == "open":
             runs.split_classes(len(data.classes), 0)      # enough classes to split
     except (datasets.DataError, ValueError) as exc:
-        print(f"adaloss: {exc}", file=sys.stderr)
-        return 1
+        return _fail(str(exc))
     if wanted is not None:
         configs = [c for c in configs if c.head in wanted + extra]
     configs = presets.with_overrides(configs, **_overrides(args))
@@ -386,47 +440,67 @@ def cmd_reproduce(args) -> int:
         for config in configs:
             config.lr = args.lr
     if args.subset:
+        if args.subset > len(data.train_labels):
+            return _fail(f"--subset: {args.subset:,} training images asked for, but "
+                         f"{args.dataset} has {len(data.train_labels):,}", 2)
         data = datasets.subset(data, args.subset, max(10, args.subset // 5))
     staging = out.with_name(out.name + ".partial")
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir(parents=True)
     results = {"adaloss_version": __version__, "command": " ".join(["adaloss"] + sys.argv[1:]),
                "dataset": data.name, "preset": args.preset, "protocol": args.protocol,
                "data": datasources.data_info(args.dataset, args.test_fraction),
                "threads": None, "machine": platform.platform(), "subset": args.subset,
                "started": time.strftime("%Y-%m-%d %H:%M:%S"), "runs": []}
     results["threads"] = get_num_threads()
-    t0 = time.perf_counter()
-    interrupted = False
-    for config in configs:
-        for seed in range(args.seeds):
-            print(f"== {config.name} seed {seed}: {config.epochs} epochs", flush=True)
-            model = (None if args.no_models
-                     else staging / "models" / f"{config.name}-seed{seed}.ckpt")
-            record = runs.run_one(config, seed, data, progress=not args.no_progress,
-                                  batch_size=args.batch_size, model_path=model,
-                                  metrics_every_epoch=args.metrics_every_epoch)
-            results["runs"].append(record)
-            results["wall_seconds"] = time.perf_counter() - t0
-            write_json(staging / "results.json", results)
-            acc = record["test_accuracy"]
-            print(f"   test accuracy {100 * acc:.2f} % ({record['wall_seconds']:.0f} s)", flush=True)
-            if record["history"]["interrupted"]:
-                interrupted = True
+    action = f"moving aside the unfinished results in {staging}"
+    try:
+        if staging.exists():
+            aside = _set_aside(staging)
+            print(f"adaloss: {staging} held the unfinished results of an earlier run; moved "
+                  f"them to {aside}", file=sys.stderr)
+        action = f"creating {staging}"
+        staging.mkdir(parents=True)
+        t0 = time.perf_counter()
+        interrupted = False
+        for config in configs:
+            for seed in range(args.seeds):
+                print(f"== {config.name} seed {seed}: {config.epochs} epochs", flush=True)
+                model = (None if args.no_models
+                         else staging / "models" / f"{config.name}-seed{seed}.ckpt")
+                action = f"training {config.name} seed {seed} into {staging}"
+                record = runs.run_one(config, seed, data, progress=not args.no_progress,
+                                      batch_size=args.batch_size, model_path=model,
+                                      metrics_every_epoch=args.metrics_every_epoch)
+                results["runs"].append(record)
+                results["wall_seconds"] = time.perf_counter() - t0
+                action = f"writing {staging / 'results.json'}"
+                write_json(staging / "results.json", results)
+                acc = record["test_accuracy"]
+                print(f"   test accuracy {100 * acc:.2f} % ({record['wall_seconds']:.0f} s)",
+                      flush=True)
+                if record["history"]["interrupted"]:
+                    interrupted = True
+                    break
+            if interrupted:
                 break
-        if interrupted:
-            break
-    table = summary_table(results)
-    if any(r.get("metrics") for r in results["runs"]):
-        table += "\n\nEmbedding metrics (docs/evaluation.md):\n\n" + metrics_table(
-            [(r["name"], r["seed"], r["metrics"]) for r in results["runs"] if r.get("metrics")])
-    (staging / "table.md").write_text(table + "\n")
-    if not args.no_figures:
-        make_figures(staging, results, data)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(staging, out)
+        table = summary_table(results)
+        if any(r.get("metrics") for r in results["runs"]):
+            table += "\n\nEmbedding metrics (docs/evaluation.md):\n\n" + metrics_table(
+                [(r["name"], r["seed"], r["metrics"]) for r in results["runs"]
+                 if r.get("metrics")])
+        action = f"writing {staging / 'table.md'}"
+        atomic_write(staging / "table.md", (table + "\n").encode())
+        if not args.no_figures:
+            action = f"writing the figures into {staging}"
+            make_figures(staging, results, data)
+        if out.exists():
+            action = f"removing the old {out} (--force)"
+            shutil.rmtree(out)
+        action = f"renaming {staging} to {out}"
+        os.replace(staging, out)
+    except OSError as exc:
+        kept = (f"; the {len(results['runs'])} finished run(s) are in "
+                f"{staging / 'results.json'}" if results["runs"] and staging.exists() else "")
+        return _fail(f"{action} failed ({_os_error(exc)}){kept}")
     print(table)
     print(f"wrote {out}/ (results.json, table.md{', figures' if not args.no_figures else ''}"
           f"{', models/' if not args.no_models else ''}) "
@@ -434,22 +508,101 @@ def cmd_reproduce(args) -> int:
     return 130 if interrupted else 0
 
 
+_RESULT_FIELDS = (("dataset", str), ("preset", str), ("runs", list))
+_RUN_FIELDS = (("head", str), ("history", dict), ("theta_hist", dict),
+               ("sample_indices", list), ("sample_predictions", list))
+
+
+def _check_results(results, path: Path) -> None:
+    """ValueError naming the file and the field when results.json cannot be plotted."""
+    def bad(field, expected, got):
+        return ValueError(f"{path}: field {field!r}: expected {expected}, got {got!r:.80}")
+
+    if not isinstance(results, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(results).__name__}")
+    for key, kind in _RESULT_FIELDS:
+        if not isinstance(results.get(key), kind):
+            raise bad(key, f"a {kind.__name__}", results.get(key))
+    if not results["runs"]:
+        raise bad("runs", "at least one run", results["runs"])
+    for i, run in enumerate(results["runs"]):
+        if not isinstance(run, dict):
+            raise bad(f"runs[{i}]", "an object", run)
+        for key, kind in _RUN_FIELDS:
+            if not isinstance(run.get(key), kind):
+                raise bad(f"runs[{i}].{key}", f"a {kind.__name__}", run.get(key))
+        losses = run["history"].get("train_loss")
+        if not isinstance(losses, list) or not losses or not all(
+                v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))
+                for v in losses):
+            raise bad(f"runs[{i}].history.train_loss", "a non-empty list of numbers", losses)
+        for name in ("theta_hist", "quality_hist"):
+            hist = run.get(name)
+            if name == "quality_hist" and hist is None:
+                continue
+            if not (isinstance(hist, dict) and isinstance(hist.get("counts"), list)
+                    and isinstance(hist.get("edges"), list)
+                    and len(hist["edges"]) == len(hist["counts"]) + 1
+                    and all(isinstance(v, (int, float)) for v in hist["counts"] + hist["edges"])):
+                raise bad(f"runs[{i}].{name}", "{'counts': [n numbers], 'edges': [n + 1 numbers]}",
+                          hist)
+        for name in ("sample_indices", "sample_predictions"):
+            if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
+                       for v in run[name]):
+                raise bad(f"runs[{i}].{name}", "a list of non-negative integers", run[name])
+        if len(run["sample_indices"]) != len(run["sample_predictions"]):
+            raise bad(f"runs[{i}].sample_predictions",
+                      f"{len(run['sample_indices'])} predictions", run["sample_predictions"])
+
+
+def _local_data(results: dict, root):
+    """The data set of the sample grid if it is on this machine (never downloaded)."""
+    loaders = {"mnist": datasets.load_mnist, "cifar10": datasets.load_cifar10}
+    dataset = results["dataset"]
+    info = results.get("data") if isinstance(results.get("data"), dict) else {}
+    source = info.get("source", dataset)
+    try:
+        if source in loaders:
+            data = loaders[source](root, download=False)
+        elif isinstance(source, str) and os.path.exists(source):   # the user's own data
+            data = runs.load_data(source, root, info.get("test_fraction"))
+        else:
+            print(f"adaloss: no sample grid: data set {source!r} is not on this machine",
+                  file=sys.stderr)
+            return None
+        if results.get("subset"):    # the sample indices are the subset's
+            data = datasets.subset(data, results["subset"], max(10, results["subset"] // 5))
+    except (datasets.DataError, OSError, ValueError) as exc:
+        print(f"adaloss: no sample grid: the {dataset} data set is not on this machine (plot "
+              f"never downloads; give --data-root): {str(exc).splitlines()[0]}", file=sys.stderr)
+        return None
+    largest = max((max(r["sample_indices"], default=-1) for r in results["runs"]), default=-1)
+    if largest >= len(data.test_labels):
+        print(f"adaloss: no sample grid: the results name test image {largest}, but the local "
+              f"{dataset} test set has {len(data.test_labels)}", file=sys.stderr)
+        return None
+    return data
+
+
 def cmd_plot(args) -> int:
     folder = Path(args.folder)
     path = folder / "results.json"
-    if not path.exists():
-        print(f"adaloss: {path} not found", file=sys.stderr)
-        return 2
-    results = json.loads(path.read_text())
-    data = None
-    source = results.get("data", {}).get("source", results["dataset"])
+    if not path.is_file():
+        return _fail(f"{path} not found (expected a folder written by 'adaloss reproduce')", 2)
     try:
-        data = runs.load_data(source, args.data_root, results.get("data", {}).get("test_fraction"))
-        if results.get("subset"):
-            data = datasets.subset(data, results["subset"], max(10, results["subset"] // 5))
-    except Exception as exc:  # figures without the sample grid
-        print(f"adaloss: no sample grid ({exc})", file=sys.stderr)
-    for p in make_figures(folder, results, data):
+        results = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        return _fail(f"{path}: not a readable JSON file ({exc})", 2)
+    try:
+        _check_results(results, path)
+    except ValueError as exc:
+        return _fail(str(exc), 2)
+    data = _local_data(results, args.data_root)
+    try:
+        written = make_figures(folder, results, data)
+    except OSError as exc:
+        return _fail(f"writing the figures into {folder} failed ({_os_error(exc)})")
+    for p in written:
         print(p)
     return 0
 
@@ -479,7 +632,8 @@ def cmd_study(args) -> int:
                               scheduler=args.scheduler, max_runs=args.max_runs,
                               heads=[h for h in args.heads.split(",") if h] if args.heads
                               else None, overrides=_overrides(args),
-                              protocol=args.protocol)
+                              protocol=args.protocol,
+                              rerun_mismatched=args.rerun_mismatched)
     except (ValueError, argparse.ArgumentTypeError) as exc:
         print(f"adaloss: {exc}", file=sys.stderr)
         return 2
@@ -487,13 +641,14 @@ def cmd_study(args) -> int:
         print(exc.summary["table"])
         print(f"adaloss: {exc}", file=sys.stderr)
         return 1
-    except (ImportError, OSError) as exc:       # no Dask, no scheduler, a full disk
+    except (ImportError, OSError, study.FolderBusy) as exc:  # no Dask, a full disk, a busy folder
         print(f"adaloss: {exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print(f"adaloss: study interrupted; the finished runs are in {args.out}/runs, "
+    except KeyboardInterrupt as exc:
+        how = "terminated (SIGTERM)" if isinstance(exc, study.Terminated) else "interrupted"
+        print(f"adaloss: study {how}; the finished runs are in {args.out}/runs, "
               "the same command resumes from them", file=sys.stderr)
-        return 130
+        return 143 if isinstance(exc, study.Terminated) else 130
     print(summary["table"])
     return 0
 

@@ -677,9 +677,40 @@ class Trainer:
         if net.output_dim != head.embedding_dim:
             raise ValueError(f"head: embedding_dim {head.embedding_dim} differs from the "
                              f"network's output size {net.output_dim}")
-        self.net, self.head, self.optimizer = net, head, optimizer
+        def where(params) -> set:
+            return {(p.data.ctypes.data, p.data.size) for p in params}
+
+        held, own, head_own = (where(optimizer.params), where(net.parameters()),
+                               where(head.parameters()))
+        if held not in (own, own | head_own):
+            foreign = len(held - own - head_own)
+            missing = len(own - held)
+            raise ValueError(
+                "optimizer: expected the network's parameters (and optionally the head's), got "
+                + ", ".join(part for part in (
+                    f"{foreign} parameter(s) of another network or head" if foreign else "",
+                    f"{missing} of the network's {len(own)} parameter(s) missing" if missing
+                    else "") if part)
+                + "; build it as Adam(net.parameters() + head.parameters())")
+        self._net, self._head, self._optimizer = net, head, optimizer
         # the report's presets keep the class weights out of the optimizer
-        self.head_trained = any(p is head.parameters()[0] for p in optimizer.params)
+        self.head_trained = bool(head_own & held)
+
+    def _read_only(name: str):
+        def get(self):
+            return getattr(self, f"_{name}")
+
+        def set_(self, value):
+            raise AttributeError(f"Trainer.{name} is read-only: the trainer's step is bound to "
+                                 "its network, head and optimizer; build a new "
+                                 "Trainer(net, head, optimizer) instead")
+
+        return property(get, set_, doc=f"The trainer's {name} (read-only).")
+
+    net = _read_only("net")
+    head = _read_only("head")
+    optimizer = _read_only("optimizer")
+    del _read_only
 
     def step(self, x: np.ndarray, labels: np.ndarray) -> float:
         """One step on a batch (uint8 images or float32); returns the mean loss."""

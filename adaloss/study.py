@@ -22,8 +22,12 @@ import json
 import math
 import multiprocessing
 import os
+import signal
+import sys
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +41,8 @@ from .presets import PRESETS, REPORT_ACCURACY, STUDY_SEEDS, RunConfig
 from .stats import ci_or_none, mean_ci, paired_differences, t_quantile_975, wilcoxon_signed_rank
 
 __all__ = ["study", "plan", "summarize", "write_summary", "wilcoxon_signed_rank",
-           "t_quantile_975", "ci_or_none", "RunsFailed", "run_task"]
+           "t_quantile_975", "ci_or_none", "RunsFailed", "RecordsMismatch", "FolderBusy",
+           "Terminated", "run_task", "record_settings", "RECORD_SETTINGS", "LEGACY_DEFAULTS"]
 
 
 class RunsFailed(RuntimeError):
@@ -56,6 +61,240 @@ class RunsFailed(RuntimeError):
         for message, rids in messages.items():
             lines.append(f"- {', '.join(rids)}: {message}")
         super().__init__("\n".join(lines))
+
+
+class RecordsMismatch(ValueError):
+    """Run records in the study folder were made with other settings than the
+    ones asked for; nothing was trained or written. ``mismatches`` maps each
+    record file to its differing settings {setting: (in the record, asked for)}."""
+
+    def __init__(self, runs_dir, mismatches: dict):
+        self.mismatches = mismatches
+        lines = [f"{len(mismatches)} run record(s) in {runs_dir} were made with other settings "
+                 "than this command asks for, so they do not count as its finished runs:"]
+        for path, diffs in list(mismatches.items())[:10]:
+            lines.append(f"- {Path(path).name}: " + "; ".join(
+                f"{name} {_show(old)} in the record, {_show(new)} now"
+                for name, (old, new) in diffs.items()))
+        if len(mismatches) > 10:
+            lines.append(f"- and {len(mismatches) - 10} more")
+        lines.append("Use another --out for these settings, or pass --rerun-mismatched to train "
+                     "those runs again (their old records are moved to runs/.mismatched/).")
+        super().__init__("\n".join(lines))
+
+
+class FolderBusy(RuntimeError):
+    """Another study holds the lock of the study folder."""
+
+
+class Terminated(KeyboardInterrupt):
+    """The study process got SIGTERM; handled as Ctrl-C."""
+
+
+_MISSING = object()
+
+
+class _Legacy:
+    """A setting an old record lacks, taken as its LEGACY_DEFAULTS value."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def __eq__(self, other):
+        return self.value == other
+
+    __hash__ = None
+
+
+def _show(value) -> str:
+    if isinstance(value, _Legacy):
+        return f"(missing, taken as {json.dumps(value.value)})"
+    return "(missing)" if value is _MISSING else json.dumps(value)
+
+
+# The settings a run record must match to count as a finished run of the grid:
+# every key of its "config" (RunConfig.to_dict(): layers, head arguments, lr,
+# epochs, batch size, ...; compared as "config.<key>") and these record keys.
+RECORD_SETTINGS = ("seed", "subset", "threads", "adaloss_version")
+# The value a setting had before records held it: a record without the key
+# matches this value. A key missing from a record and not listed here never
+# matches. Adding a setting is one line: its key here with the value older
+# records meant (e.g. "config.protocol": "closed"), plus, for a record key
+# outside the config, its name in RECORD_SETTINGS.
+LEGACY_DEFAULTS: dict = {}
+
+
+def record_settings(config, seed: int, subset, threads: int) -> dict:
+    """{setting: value} that a run's record must hold to be reused for it."""
+    settings = {f"config.{k}": v for k, v in config.to_dict().items()}
+    settings.update(seed=seed, subset=subset, threads=threads, adaloss_version=__version__)
+    assert set(settings) >= set(RECORD_SETTINGS), "record_settings misses a RECORD_SETTINGS key"
+    return settings
+
+
+def _differences(record: dict, settings: dict) -> dict:
+    """{setting: (in the record, asked for)} where the record differs."""
+    def get(name):
+        where, key = (record.get("config", {}), name[7:]) if name.startswith("config.") \
+            else (record, name)
+        if key in where:
+            return where[key]
+        return _Legacy(LEGACY_DEFAULTS[name]) if name in LEGACY_DEFAULTS else _MISSING
+
+    diffs = {name: (get(name), value) for name, value in settings.items()
+             if not get(name) == value}
+    for key in record.get("config", {}):        # a setting this version does not know
+        if f"config.{key}" not in settings:
+            diffs[f"config.{key}"] = (record["config"][key], _MISSING)
+    return diffs
+
+
+def _number(value, low=None, high=None) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value) and (low is None or value >= low)
+            and (high is None or value <= high))
+
+
+def _check_record(record, stem: str, full: bool = True) -> str | None:
+    """What is wrong with a run record read from runs/<stem>.json, or None;
+    `full=False` checks only what summarize reads."""
+    if not isinstance(record, dict):
+        return f"expected a JSON object, got {type(record).__name__}"
+    kinds = (("head", str), ("dataset", str), ("preset", str), ("seed", int))
+    if full:
+        kinds += (("name", str), ("config", dict), ("history", dict))
+    for key, kind in kinds:
+        if not isinstance(record.get(key), kind) or isinstance(record.get(key), bool):
+            return f"field {key!r}: expected a {kind.__name__}, got {record.get(key)!r:.60}"
+    for key, low, high in (("test_accuracy", 0, 1), ("test_accuracy_plain", 0, 1),
+                           ("wall_seconds", 0, None)):
+        if not _number(record.get(key), low, high):
+            return f"field {key!r}: expected a number in [{low}, {high or 'inf'}], got " \
+                   f"{record.get(key)!r:.60}"
+    if "threads" in record and not (isinstance(record["threads"], int)
+                                    and not isinstance(record["threads"], bool)
+                                    and record["threads"] >= 1):
+        return f"field 'threads': expected a positive int, got {record['threads']!r:.60}"
+    if not full:
+        return None
+    history = record["history"]
+    epochs = history.get("epochs")
+    if not isinstance(epochs, list):
+        return f"field 'history.epochs': expected a list, got {epochs!r:.60}"
+    for key in ("train_loss", "test_accuracy"):
+        values = history.get(key)
+        if not isinstance(values, list) or len(values) != len(epochs) or not all(
+                v is None or _number(v) for v in values):
+            return f"field 'history.{key}': expected {len(epochs)} numbers, got {values!r:.60}"
+    if f"{record['name']}-seed{record['seed']}" != stem:
+        return (f"it holds run {record['name']}-seed{record['seed']}, not {stem} (a file "
+                "copied or renamed by hand?)")
+    return None
+
+
+def _read_record(path: Path, full: bool = True):
+    """(record, None) for a valid run record file, else (None, what is wrong)."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        return None, f"not a readable JSON file ({type(exc).__name__}: {exc})"
+    problem = _check_record(record, path.stem, full)
+    return (None, problem) if problem else (record, None)
+
+
+def _move_aside(path: Path, folder: str) -> Path:
+    """Move a record file into runs/<folder>/ (never over an earlier one)."""
+    dest_dir = path.parent / folder
+    dest_dir.mkdir(exist_ok=True)
+    dest = dest_dir / path.name
+    n = 1
+    while dest.exists():
+        dest, n = dest_dir / f"{path.stem}.{n}{path.suffix}", n + 1
+    os.replace(path, dest)
+    return dest
+
+
+def _set_aside_bad_records(runs_dir: Path) -> None:
+    """Bad record files (truncated, mistyped, foreign) are moved to runs/.bad/
+    with a message: their runs count as not done, and no later study stops on
+    them."""
+    for path in sorted(runs_dir.glob("*.json")):
+        record, problem = _read_record(path)
+        if problem is not None:
+            dest = _move_aside(path, ".bad")
+            print(f"study: {path} is not a valid run record ({problem}); moved to {dest}, its "
+                  "run counts as not done", file=sys.stderr, flush=True)
+
+
+@contextmanager
+def _folder_lock(out: Path):
+    """Hold out/.lock (flock, released by the system when the process dies, so a
+    killed study never blocks the next); FolderBusy if another process holds it."""
+    import fcntl  # deferred on purpose: POSIX only, like the lock
+
+    path = out / ".lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise FolderBusy(f"{out} is in use by another study (process {holder}, which holds "
+                         f"{path}); wait for it to finish or choose another --out") from None
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)        # releases the lock; the file stays (removing it would race)
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated("terminated by SIGTERM")
+
+
+@contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM stops the study like Ctrl-C (runs in progress dropped, workers
+    ended), unless the program installed its own SIGTERM handler."""
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, None)):
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _watch_parent(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(1)
+    os._exit(1)
+
+
+def _worker_init(parent: int) -> None:
+    """Run in each worker process first: the worker ends when the study process
+    does, even one killed by SIGKILL (then no one else would end it, and an idle
+    worker waits for work forever)."""
+    watch = True
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes  # deferred on purpose: only in workers, only on Linux
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            watch = libc.prctl(1, int(signal.SIGTERM), 0, 0, 0) != 0    # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent:          # the study ended before the line above
+        os._exit(1)
+    if watch:
+        threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
+
+
+# The training-set sizes of the data sets, to refuse a --subset beyond them early.
+TRAIN_SIZES = {"mnist": 60000, "cifar10": 50000}
 
 
 def plan(datasets, presets_, seeds: dict, epochs=None, heads=None, overrides=None,
@@ -124,6 +363,10 @@ def _load(dataset: str, data_root, subset):
     if key not in _DATA_CACHE:
         data = runs.load_data(dataset, data_root)
         if subset:
+            if subset > len(data.train_labels):
+                raise ValueError(f"subset: {subset:,} training images asked for, but {dataset} "
+                                 f"in {data_root or 'the default data root'} has "
+                                 f"{len(data.train_labels):,}")
             data = _datasets.subset(data, subset, max(10, subset // 5))
         _DATA_CACHE.clear()
         _DATA_CACHE[key] = data
@@ -139,6 +382,31 @@ def run_task(config_dict: dict, seed: int, data_root, subset, threads: int) -> d
     record.update(dataset=config.dataset, preset=config.preset, threads=threads,
                   subset=subset, adaloss_version=__version__)
     return record
+
+
+def _config_of(record: dict, epochs):
+    """The configuration this version gives a record's run, at `epochs` (None:
+    the preset's): its preset's run for its data set and head, with the head
+    settings, warm-ups and protocol the record's name carries (a run of
+    another cell of the folder, e.g. cifar10-fair-arcface-easy or an open run,
+    is matched against its own cell, not this command's overrides). None for
+    a run no preset makes."""
+    try:
+        saved = presets.RunConfig.from_dict(record["config"])
+        extra = [saved.head] if saved.head in presets.EXTRA_HEADS else []
+        configs = presets.runs(record["dataset"], record["preset"], epochs, extra)
+        config = next((c for c in configs if c.head == record["head"]), None)
+        if config is None:
+            return None
+        head = saved.head_config
+        overrides = {k: getattr(head, k) for k in ("s", "m", "h", "rule", "m1", "m2", "m3")
+                     if getattr(head, k, None) is not None}
+        config = presets.with_overrides([config], strict=False, margin_warmup=saved.margin_warmup,
+                                        softmax_warmup=saved.softmax_warmup, **overrides)[0]
+        config.protocol = saved.protocol
+    except (TypeError, ValueError, KeyError):
+        return None
+    return config
 
 
 def _same_run_key(config, seed: int) -> str:
@@ -173,32 +441,65 @@ def _write(path: Path, record: dict) -> None:
     atomic_write(path, json.dumps(_json_safe(record), indent=1, allow_nan=False).encode())
 
 
+FIGURES = ("accuracy.png", "pairs.png", "curves.png")
+
+
 def write_summary(out, summary: dict, records: list | None = None) -> None:
     """summary.json, summary.md and the figures (accuracy.png, pairs.png and
     curves.png, the per-epoch curves of every run in out/runs; `records`, those
-    runs if the caller has read them already)."""
+    runs if the caller has read them already).
+
+    Everything is written to temporary files first and renamed into place only
+    when all were written, so a failure (a full disk) leaves the previous
+    summary and figures together; a figure the new summary has no data for is
+    removed rather than left beside it."""
     from . import plots  # deferred on purpose: loads matplotlib, only needed here
 
     out = Path(out)
-    _write(out / "summary.json", summary)
+    if records is None:
+        records = _read_runs(out)
     footer = (f"\nMade by adaloss {summary['adaloss_version']} on {summary['created']}"
               + (f" with `{summary['command_hint']}`." if summary.get("command_hint") else ".")
               + "\n")
-    atomic_write(out / "summary.md", (summary["table"] + "\n" + footer).encode())
+    contents = {"summary.json": json.dumps(_json_safe(summary), indent=1,
+                                           allow_nan=False).encode(),
+                "summary.md": (summary["table"] + "\n" + footer).encode()}
+    figures = {}
     if summary["cells"]:
-        plots.save(plots.study_accuracy(summary), out / "accuracy.png")
+        figures["accuracy.png"] = lambda: plots.study_accuracy(summary)
     if any(p["diffs"] for p in summary["pairs"]):
-        plots.save(plots.study_pairs(summary), out / "pairs.png")
-    if records is None:
-        records = _read_runs(out)
+        figures["pairs.png"] = lambda: plots.study_pairs(summary)
     if records:
-        plots.save(plots.study_curves(records), out / "curves.png")
+        figures["curves.png"] = lambda: plots.study_curves(records)
+    staged = []
+    try:
+        for name, data in contents.items():
+            staged.append((out / f".{name}.new", out / name))
+            atomic_write(staged[-1][0], data)
+        for name, make in figures.items():
+            staged.append((out / f".{name}.new.png", out / name))
+            plots.save(make(), staged[-1][0])
+    except BaseException as exc:
+        for tmp, _ in staged:
+            tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise OSError(exc.errno, f"could not write the summary of {out} "
+                                     f"({exc.strerror or exc}); the previous summary and "
+                                     "figures were left as they were", exc.filename) from exc
+        raise
+    for tmp, dest in staged:
+        os.replace(tmp, dest)
+    for name in FIGURES:
+        if name not in figures and (out / name).exists():
+            (out / name).unlink()
+            print(f"study: removed {out / name}, which the summary no longer has data for",
+                  file=sys.stderr, flush=True)
 
 
 def study(datasets=("mnist",), presets=PRESETS, seeds=None, out="study",
           epochs=None, subset=None, data_root=None, workers=None, threads_per_worker=1,
           scheduler=None, max_runs=None, progress=True, heads=None, overrides=None,
-          protocol="closed") -> dict:
+          protocol="closed", rerun_mismatched=False) -> dict:
     """Run the grid (skipping finished runs) and write the summary; returns it.
 
     `seeds` is an int or {dataset: n}. `workers` defaults to the number of cores
@@ -211,7 +512,15 @@ def study(datasets=("mnist",), presets=PRESETS, seeds=None, out="study",
     raises does not stop the others: the finished runs are written and
     summarised, then RunsFailed names the failed ones (a restart retries them).
     `protocol` ("closed" or "open") is part of each run's name, and the summary
-    holds the runs of that protocol only."""
+    holds the runs of that protocol only.
+
+    A run's record is reused only when it holds the very settings asked for
+    (see RECORD_SETTINGS); every record in the folder must, since the summary
+    covers them all. Otherwise RecordsMismatch names the records and settings,
+    unless `rerun_mismatched`, which moves them to runs/.mismatched/ and trains
+    those of this grid again. Bad record files go to runs/.bad/. The
+    folder is locked (out/.lock) while the study runs: a second study on it
+    raises FolderBusy. SIGTERM stops the study like Ctrl-C (Terminated)."""
     datasets, presets = list(datasets), list(presets)
     if seeds is None:
         seeds = dict(STUDY_SEEDS)
@@ -221,19 +530,60 @@ def study(datasets=("mnist",), presets=PRESETS, seeds=None, out="study",
         raise ValueError(f"threads_per_worker: expected a positive int, got {threads_per_worker!r}")
     tasks = plan(datasets, presets, seeds, epochs, heads, overrides,
                  protocol)   # checks the arguments first
+    if subset is not None:
+        if isinstance(subset, bool) or not isinstance(subset, int) or subset < 1:
+            raise ValueError(f"subset: expected a positive int, got {subset!r}")
+        larger = [f"{d} has {TRAIN_SIZES[d]:,}" for d in datasets
+                  if d in TRAIN_SIZES and subset > TRAIN_SIZES[d]]
+        if larger:
+            raise ValueError(f"subset: {subset:,} training images asked for, but "
+                             f"{' and '.join(larger)}")
     out = Path(out)
     runs_dir = out / "runs"
     runs_dir.mkdir(parents=True, exist_ok=True)
+    with _folder_lock(out), _sigterm_as_interrupt():
+        return _study_locked(out, tasks, datasets, presets, seeds, epochs, subset, data_root,
+                             workers, threads_per_worker, scheduler, max_runs, progress, heads,
+                             rerun_mismatched, overrides, protocol)
+
+
+def _study_locked(out, tasks, datasets, presets, seeds, epochs, subset, data_root, workers,
+                  threads_per_worker, scheduler, max_runs, progress, heads,
+                  rerun_mismatched, overrides, protocol) -> dict:
+    runs_dir = out / "runs"
+    _set_aside_bad_records(runs_dir)
     # Cells that make the very same run (the paper and fair AdaFace runs: same
     # network, head, optimizer and seed) are trained once; the other cell gets a
     # copy of the record marked "same_run_as".
     key = {rid: _same_run_key(c, seed) for rid, c, seed in tasks}
     present = {rid for rid, _, _ in tasks if (runs_dir / f"{rid}.json").exists()}
-    finished = {}
-    for rid in present:
-        record = json.loads((runs_dir / f"{rid}.json").read_text())
-        if record.get("subset") == subset and record.get("threads") == threads_per_worker:
-            finished.setdefault(key[rid], record)
+    planned = {rid: (config, seed) for rid, config, seed in tasks}
+    finished, mismatches = {}, {}
+    # every record in the folder is summarised under this command, so every
+    # one must hold this command's settings, planned now or not (--heads)
+    for path in sorted(runs_dir.glob("*.json")):
+        record = json.loads(path.read_text())         # checked by _set_aside_bad_records
+        config, seed = planned.get(path.stem) or (_config_of(record, epochs), record["seed"])
+        if config is None:
+            diffs = {"dataset/preset/head": (f"{record['dataset']}/{record['preset']}/"
+                                             f"{record['head']}", _MISSING)}
+        else:
+            diffs = _differences(record, record_settings(config, seed, subset,
+                                                         threads_per_worker))
+        if diffs:
+            mismatches[path] = diffs
+        elif path.stem in planned:
+            finished.setdefault(key[path.stem], record)
+    if mismatches and not rerun_mismatched:
+        raise RecordsMismatch(runs_dir, mismatches)   # nothing changed yet
+    for path in mismatches:
+        dest = _move_aside(path, ".mismatched")
+        present.discard(path.stem)
+        print(f"study: {path.name} was made with other settings "
+              f"({', '.join(mismatches[path])}); moved to {dest}, "
+              + ("the run is trained again" if path.stem in planned else
+                 "it is not in this command's grid (run that grid to train it again)"),
+              file=sys.stderr, flush=True)
     configs = {rid: c for rid, c, _ in tasks}
     todo, copied = [], 0
     for task in tasks:
@@ -293,12 +643,13 @@ def study(datasets=("mnist",), presets=PRESETS, seeds=None, out="study",
     elif first:
         workers = workers or max(1, (os.cpu_count() or 1) // threads_per_worker)
         ctx = multiprocessing.get_context("spawn")  # OpenMP state does not survive fork
-        pool = ProcessPoolExecutor(max_workers=min(workers, len(first)), mp_context=ctx)
+        pool = ProcessPoolExecutor(max_workers=min(workers, len(first)), mp_context=ctx,
+                                   initializer=_worker_init, initargs=(os.getpid(),))
         try:
             futures = {pool.submit(run_task, *a): rid for rid, a in args}
             for fut in as_completed(futures):
                 finish(futures[fut], fut)
-        except BaseException:   # Ctrl-C: stop now, not after every queued run
+        except BaseException:   # Ctrl-C, SIGTERM: stop now, not after every queued run
             _stop(pool)
             raise
         pool.shutdown()
@@ -364,7 +715,16 @@ def _run_dask(scheduler, args, finish) -> None:
 
 
 def _read_runs(out) -> list:
-    return [json.loads(p.read_text()) for p in sorted((Path(out) / "runs").glob("*.json"))]
+    """Every run record in out/runs; ValueError naming a file that lacks what
+    summarize needs."""
+    records = []
+    for path in sorted((Path(out) / "runs").glob("*.json")):
+        record, problem = _read_record(path, full=False)
+        if problem is not None:
+            raise ValueError(f"{path}: not a valid run record ({problem}); move it out of the "
+                             "folder (a study moves such files to runs/.bad/)")
+        records.append(record)
+    return records
 
 
 def _cell_head(record: dict) -> str:

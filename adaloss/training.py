@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
+import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from . import _core, checkpoint
 from .nn import Sequential, Trainer, _check_int, _embed, _Head
 
 __all__ = ["History", "fit", "evaluate", "predict", "embed", "margin_stats", "save_training",
-           "load_latest", "margin_factor", "THETA_EDGES_DEG"]
+           "load_latest", "margin_factor", "run_fingerprint", "THETA_EDGES_DEG"]
 
 # the bins of the per-epoch target-angle histograms (degrees): 0..180 by 5
 THETA_EDGES_DEG = tuple(float(v) for v in range(0, 181, 5))
@@ -132,11 +133,54 @@ def margin_stats(net: Sequential, head: _Head, x: np.ndarray, y: np.ndarray,
 
 
 def save_training(folder, trainer: Trainer, epoch: int, rng: np.random.Generator,
-                  history: History) -> None:
+                  history: History, fingerprint: dict | None = None) -> None:
     """Save what fit needs to resume: the trainer's state, the epoch, the
-    shuffling generator's state and the history, to ``folder/latest.ckpt``."""
+    shuffling generator's state and the history, to ``folder/latest.ckpt``;
+    `fingerprint`, the run's settings (fit's), to refuse resuming another run."""
+    extra = {"fingerprint": fingerprint} if fingerprint is not None else {}
     checkpoint.save(Path(folder) / checkpoint.LATEST, trainer.net, trainer.head, trainer.optimizer,
-                    epoch=epoch, rng=rng.bit_generator.state, history=history.to_dict())
+                    epoch=epoch, rng=rng.bit_generator.state, history=history.to_dict(), **extra)
+
+
+def run_fingerprint(trainer: Trainer, x_train: np.ndarray, y_train: np.ndarray,
+                    batch_size: int, seed: int) -> dict:
+    """The settings of a fit run that a resumed run must share: the training
+    data's shape, type and a CRC-32 of its labels, the seed, batch size and
+    learning rate (the layers and head settings are checked by the checkpoint
+    itself). The epochs are not: a later fit with more epochs continues the run."""
+    labels = np.ascontiguousarray(y_train)
+    return {"train_shape": list(x_train.shape), "train_dtype": str(x_train.dtype),
+            "labels_crc32": zlib.crc32(labels.tobytes()), "labels_dtype": str(labels.dtype),
+            "seed": seed, "batch_size": batch_size, "lr": trainer.optimizer.lr}
+
+
+def _check_resume(folder, fingerprint: dict, epochs: int) -> None:
+    """Refuse (before anything is loaded) to resume a checkpoint of another run,
+    or one already beyond `epochs`."""
+    path = Path(folder) / checkpoint.LATEST
+    if not path.exists():
+        return
+    _, meta = checkpoint.read(path)
+    done = (meta.get("extra") or {}).get("epoch")
+    if isinstance(done, int) and done > epochs:
+        raise checkpoint.CheckpointError(
+            f"{path}: the checkpoint is at epoch {done}, beyond the {epochs} asked for; give "
+            f"epochs >= {done}, another checkpoint_dir, or resume=False to start over")
+    saved = (meta.get("extra") or {}).get("fingerprint")
+    if saved is None:
+        warnings.warn(f"{path}: a checkpoint without the run's settings (written before they "
+                      "were recorded); resuming it without checking that it is of the same "
+                      "data, seed, batch size and learning rate", stacklevel=3)
+        return
+    def show(value) -> str:
+        return f"{value:.6g}" if isinstance(value, float) else repr(value)
+
+    diffs = [f"{k} {show(saved.get(k))} there, {show(v)} now" for k, v in fingerprint.items()
+             if saved.get(k) != v]
+    if diffs:
+        raise checkpoint.CheckpointError(
+            f"{path}: the checkpoint is of another run ({'; '.join(diffs)}); give another "
+            "checkpoint_dir, or resume=False to start over (the checkpoint is then replaced)")
 
 
 def _check_training_extra(extra: dict) -> None:
@@ -219,7 +263,12 @@ def fit(trainer: Trainer, x_train: np.ndarray, y_train: np.ndarray, epochs: int 
     gradient is never applied; fit raises NonFiniteError naming the epoch and
     step, or skips the batch when ``skip_nonfinite``. With ``checkpoint_dir``
     the state is saved after every epoch and, when ``resume``, training resumes
-    from the latest checkpoint there.
+    from the latest checkpoint there; the checkpoint records the run's settings
+    (run_fingerprint: the training data's shape and labels, seed, batch size,
+    learning rate) and a checkpoint of other settings, or one already past
+    `epochs`, raises CheckpointError before anything is loaded (a checkpoint
+    written before the settings were recorded resumes with a warning). A
+    `checkpoint_dir` that is a file raises ValueError before training.
 
     Margin schedules: ``softmax_warmup`` epochs with the head's margins at 0
     (a normalised softmax with the head's scale s), then a linear warm-up of
@@ -257,6 +306,18 @@ def fit(trainer: Trainer, x_train: np.ndarray, y_train: np.ndarray, epochs: int 
         _check_xy(*diagnostics, "diagnostics")
         if len(diagnostics[1]) == 0:
             raise ValueError("diagnostics: expected at least one example")
+    fingerprint = None
+    if checkpoint_dir is not None:
+        folder = Path(checkpoint_dir)
+        if folder.exists() and not folder.is_dir():
+            raise ValueError(f"checkpoint_dir: {folder} is a file, expected a folder")
+        if (folder / checkpoint.LATEST).is_dir():
+            raise ValueError(f"checkpoint_dir: {folder / checkpoint.LATEST} is a folder, "
+                             "expected a checkpoint file")
+        fingerprint = run_fingerprint(trainer, x_train, y_train, batch_size, seed)
+        if resume:
+            _check_resume(folder, fingerprint, epochs)
+        folder.mkdir(parents=True, exist_ok=True)    # fails now, not after an epoch
     history = history or History()
     rng = np.random.default_rng(seed)
     start_epoch = 0
@@ -325,7 +386,7 @@ def fit(trainer: Trainer, x_train: np.ndarray, y_train: np.ndarray, epochs: int 
             print(f"epoch {epoch + 1}/{epochs}: loss {history.train_loss[-1]:.4f}{acc}, "
                   f"{seconds:.1f} s ({n / seconds:.0f} images/s)", flush=True)
         if checkpoint_dir is not None:
-            save_training(checkpoint_dir, trainer, epoch + 1, rng, history)
+            save_training(checkpoint_dir, trainer, epoch + 1, rng, history, fingerprint)
         if callback is not None:
             callback(epoch + 1, history)
     return history

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import synthetic
+import adaloss
 from adaloss import datasets, plots, presets, runs, study
 
 
@@ -139,6 +140,7 @@ def test_the_study_names_open_runs_apart_and_never_mixes_protocols(tmp_path):
         rec = {"name": config.name, "head": config.head, "seed": 0, "dataset": "mnist",
                "preset": "fair", "test_accuracy": acc, "test_accuracy_plain": acc,
                "wall_seconds": 1.0, "threads": 1, "subset": None, "config": config.to_dict(),
+               "adaloss_version": adaloss.__version__,
                "history": {"epochs": [1], "test_accuracy": [acc], "train_loss": [1.0]}}
         if protocol:
             rec["protocol"] = protocol

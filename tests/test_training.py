@@ -255,3 +255,65 @@ def test_heads_say_what_their_last_batch_holds():
     assert [h for h, head in heads.items() if head.has_quality] == ["adaface"]
     assert [h for h, head in heads.items() if not head.has_target_angle] == ["softmax"]
     assert heads["arcface"].kind == "ArcFace"
+
+
+def test_fit_refuses_to_resume_a_checkpoint_of_another_run(mnist_small, tmp_path):
+    config = presets.runs("mnist", "fair")[0]
+    x, y = mnist_small.train_images[:128], mnist_small.train_labels[:128]
+    training.fit(presets.build(config, seed=0), x, y, epochs=1, seed=5, batch_size=64,
+                 progress=False, checkpoint_dir=tmp_path)
+    saved = (tmp_path / checkpoint.LATEST).read_bytes()
+    for change, needle in ((dict(seed=6), "seed 5 there, 6 now"),
+                           (dict(batch_size=32), "batch_size 64 there, 32 now"),
+                           (dict(y=y[::-1].copy()), "labels_crc32"),
+                           (dict(x=x[:96], y=y[:96]), "train_shape"),
+                           (dict(epochs=0), "at epoch 1, beyond the 0 asked for")):
+        trainer = presets.build(config, seed=3)
+        before = trainer.net.state_dict()
+        kwargs = {"x": x, "y": y, "epochs": 2, "seed": 5, "batch_size": 64, **change}
+        with pytest.raises(checkpoint.CheckpointError, match=needle) as err:
+            training.fit(trainer, kwargs.pop("x"), kwargs.pop("y"), progress=False,
+                         checkpoint_dir=tmp_path, **kwargs)
+        assert str(tmp_path / checkpoint.LATEST) in str(err.value)
+        assert trainer.optimizer.step_count == 0        # nothing loaded, nothing trained
+        for k, v in before.items():
+            np.testing.assert_array_equal(v, trainer.net.state_dict()[k])
+    other_lr = presets.build(config, seed=3)
+    other_lr.optimizer.lr = 1e-2
+    with pytest.raises(checkpoint.CheckpointError, match="lr 0.001 there, 0.01 now"):
+        training.fit(other_lr, x, y, epochs=2, seed=5, progress=False, checkpoint_dir=tmp_path)
+    assert (tmp_path / checkpoint.LATEST).read_bytes() == saved
+    # the same run resumes; resume=False starts over and replaces the checkpoint
+    hist = training.fit(presets.build(config, seed=3), x, y, epochs=2, seed=5, progress=False,
+                        checkpoint_dir=tmp_path)
+    assert hist.epochs == [1, 2]
+    hist = training.fit(presets.build(config, seed=3), x, y, epochs=1, seed=6, progress=False,
+                        checkpoint_dir=tmp_path, resume=False)
+    assert hist.epochs == [1]
+
+
+def test_fit_resumes_an_old_checkpoint_without_settings_with_a_warning(mnist_small, tmp_path):
+    config = presets.runs("mnist", "fair")[0]
+    x, y = mnist_small.train_images[:128], mnist_small.train_labels[:128]
+    trainer = presets.build(config, seed=0)
+    hist = training.fit(trainer, x, y, epochs=1, seed=5, progress=False)
+    training.save_training(tmp_path, trainer, 1, np.random.default_rng(5), hist)  # no settings
+    with pytest.warns(UserWarning, match="without the run's settings"):
+        hist = training.fit(presets.build(config, seed=3), x, y, epochs=2, seed=5,
+                            progress=False, checkpoint_dir=tmp_path)
+    assert hist.epochs == [1, 2]
+
+
+def test_a_checkpoint_dir_that_is_a_file_fails_before_training(mnist_small, tmp_path):
+    trainer = presets.build(presets.runs("mnist", "fair")[0], seed=0)
+    path = tmp_path / "ckpt"
+    path.write_text("not a folder")
+    with pytest.raises(ValueError, match=f"checkpoint_dir: {path} is a file"):
+        training.fit(trainer, mnist_small.train_images[:64], mnist_small.train_labels[:64],
+                     epochs=1, progress=False, checkpoint_dir=path)
+    assert trainer.optimizer.step_count == 0
+    (tmp_path / "d" / checkpoint.LATEST).mkdir(parents=True)
+    with pytest.raises(ValueError, match="is a folder, expected a checkpoint file"):
+        training.fit(trainer, mnist_small.train_images[:64], mnist_small.train_labels[:64],
+                     epochs=1, progress=False, checkpoint_dir=tmp_path / "d")
+    assert trainer.optimizer.step_count == 0

@@ -362,3 +362,26 @@ def test_one_object_in_two_threads_is_refused():
     for w in workers:
         w.join()
     assert all("in use by another thread" in e for e in errors)
+
+
+def test_trainer_refuses_an_optimizer_of_other_parameters_and_keeps_its_parts():
+    net, head = small_net(), adaloss.ArcFace(10, 8)
+    other = small_net()
+    for params, needle in ((other.parameters(), "4 parameter\\(s\\) of another network"),
+                           (net.parameters()[:2], "2 of the network's 4 parameter\\(s\\) missing"),
+                           (head.parameters(), "missing"), ([], "missing")):
+        with pytest.raises(ValueError, match=f"optimizer: .*{needle}"):
+            adaloss.Trainer(net, head, adaloss.Adam(params))
+    frozen = adaloss.Trainer(net, head, adaloss.Adam(net.parameters()))
+    trained = adaloss.Trainer(net, head, adaloss.Adam(net.parameters() + head.parameters()))
+    assert not frozen.head_trained and trained.head_trained
+    for name, value in (("net", other), ("head", adaloss.ArcFace(10, 8)),
+                        ("optimizer", adaloss.Adam(other.parameters()))):
+        with pytest.raises(AttributeError, match=f"Trainer.{name} is read-only"):
+            setattr(trained, name, value)
+    assert trained.net is net and trained.head is head
+    # so a step always trains the trainer's own network
+    x = np.random.default_rng(0).integers(0, 256, (16, 1, 8, 8), dtype=np.uint8)
+    before = net.state_dict()
+    trained.step(x, np.arange(16) % 10)
+    assert any(not np.array_equal(v, net.state_dict()[k]) for k, v in before.items())
