@@ -12,7 +12,7 @@ throughput; a compile failure is recorded, not fatal). The ratio that counts
 is adaloss against the fastest PyTorch path of each network, batch and thread
 count. Optionally peak RSS at batch 256 and one full MNIST epoch of each.
 
-    python benchmarks/bench_train.py                 # everything (~35 min on 2 cores)
+    python benchmarks/bench_train.py                 # everything (~45 min on 2 cores)
     python benchmarks/bench_train.py --quick         # fewer repeats
     python benchmarks/bench_train.py --nets mnist-arcface --batches 64 --threads 2
     python benchmarks/bench_train.py --paths eager,channels_last   # no torch.compile
