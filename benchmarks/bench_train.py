@@ -5,12 +5,17 @@ For each of the report's four networks with its head: training throughput
 (forward, loss, backward, Adam) and evaluation throughput (forward only) at
 batch 64 and 256 with 1 and 2 threads, achieved GFLOP/s next to the sgemm
 peak measured in the same run, medians over repeats with min and max, and the
-ratio adaloss / PyTorch. Optionally peak RSS at batch 256 and one full MNIST
-epoch of each.
+ratio adaloss / PyTorch. PyTorch runs each of its CPU paths side by side with
+adaloss: eager NCHW, eager channels_last (model and input), and torch.compile
+(default mode; its compile time is reported apart and kept out of the
+throughput; a compile failure is recorded, not fatal). The ratio that counts
+is adaloss against the fastest PyTorch path of each network, batch and thread
+count. Optionally peak RSS at batch 256 and one full MNIST epoch of each.
 
-    python benchmarks/bench_train.py                 # everything (~15 min on 2 cores)
+    python benchmarks/bench_train.py                 # everything (~45 min on 2 cores)
     python benchmarks/bench_train.py --quick         # fewer repeats
     python benchmarks/bench_train.py --nets mnist-arcface --batches 64 --threads 2
+    python benchmarks/bench_train.py --paths eager,channels_last   # no torch.compile
 
 Writes benchmarks/results/<date>-<host>.json (-2, -3, ... for a later run of the
 same day) and prints a Markdown table.
@@ -23,6 +28,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -76,10 +82,59 @@ def sgemm_peak(threads: int, repeats: int) -> float:
     return 2.0 * 2048 ** 3 / np.median(times) / 1e9
 
 
-class Pair:
-    """The same network, head and optimizer in adaloss and in PyTorch."""
+TORCH_PATHS = ("eager", "channels_last", "compile")
 
-    def __init__(self, torch, name: str, batch: int):
+
+class TorchPath:
+    """One way of running the network in PyTorch: its own copy of the model
+    and optimizer, started from the same weights as adaloss."""
+
+    def __init__(self, torch, path: str, layers, state: dict, weight, lr: float, head: tuple):
+        self.torch, self.path = torch, path
+        self.kind, self.s, self.m = head
+        self.net = torch_net(torch, layers)
+        self.net.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in state.items()})
+        self.weight = weight
+        if path == "channels_last":
+            self.net = self.net.to(memory_format=torch.channels_last)
+        self.opt = torch.optim.Adam(self.net.parameters(), lr=lr)
+        self.loss = self._loss
+        self.forward = self.net
+        if path == "compile":
+            # a fresh start for each network: the compiled code of an earlier
+            # one would count against dynamo's recompile limit, past which it
+            # silently runs eager
+            torch._dynamo.reset()
+            self.loss = torch.compile(self._loss)
+            self.forward = torch.compile(self.net)
+
+    def _loss(self, xt, y):
+        return torch_head_loss(self.torch, self.kind, "report", self.net(xt), self.weight, y,
+                               self.s, self.m, h=0.33)
+
+    def convert(self, x):
+        # the input conversion is part of the step, as it is in ours
+        torch = self.torch
+        xt = (torch.from_numpy(x).float() / 255 - 0.5) / 0.5
+        if self.path == "channels_last":
+            xt = xt.contiguous(memory_format=torch.channels_last)
+        return xt
+
+    def train(self, x, y):
+        self.opt.zero_grad(set_to_none=True)
+        self.loss(self.convert(x), self.torch.from_numpy(y)).backward()
+        self.opt.step()
+
+    def eval(self, x):
+        with self.torch.no_grad():
+            self.forward(self.convert(x))
+
+
+class Pair:
+    """The same network, head and optimizer in adaloss and in PyTorch (one
+    model per PyTorch path in `paths`)."""
+
+    def __init__(self, torch, name: str, batch: int, paths=("eager",)):
         channels, size, layers = REPORT_NETS[name]
         kind, s, m, lr = HEADS[name]
         adaloss.manual_seed(0)
@@ -89,47 +144,33 @@ class Pair:
         self.trainer = adaloss.Trainer(self.net, self.head,
                                        adaloss.Adam(self.net.parameters(), lr=lr))
         self.torch = torch
-        self.tnet = torch_net(torch, layers)
-        self.tnet.load_state_dict({k: torch.from_numpy(v) for k, v in self.net.state_dict().items()})
-        self.tweight = torch.from_numpy(self.head.weight.copy())
-        self.topt = torch.optim.Adam(self.tnet.parameters(), lr=lr)
-        self.kind, self.s, self.m = kind, s, m
+        state = self.net.state_dict()
+        weight = torch.from_numpy(self.head.weight.copy())
+        self.paths = {p: TorchPath(torch, p, layers, state, weight, lr, (kind, s, m))
+                      for p in paths}
         rng = np.random.default_rng(1)
         self.batches = [(rng.integers(0, 256, (batch, channels, size, size), dtype=np.uint8),
                          rng.integers(0, 10, batch)) for _ in range(4)]
-        self.tbatches = [((torch.from_numpy(x).float() / 255 - 0.5) / 0.5, torch.from_numpy(y))
-                         for x, y in self.batches]
         self.flops_train = flops_per_image(layers, channels, size, True) * batch
         self.flops_eval = flops_per_image(layers, channels, size, False) * batch
         self.i = 0
 
-    def ours_train(self):
-        x, y = self.batches[self.i % 4]
+    def next_batch(self):
+        batch = self.batches[self.i % 4]
         self.i += 1
-        self.trainer.step(x, y)
+        return batch
+
+    def ours_train(self):
+        self.trainer.step(*self.next_batch())
 
     def ours_eval(self):
-        self.net.forward(self.batches[self.i % 4][0])
-        self.i += 1
+        self.net.forward(self.next_batch()[0])
 
-    def torch_train(self):
-        # the input conversion is part of the step, as it is in ours
-        x, y = self.batches[self.i % 4]
-        self.i += 1
-        torch = self.torch
-        xt = (torch.from_numpy(x).float() / 255 - 0.5) / 0.5
-        self.topt.zero_grad(set_to_none=True)
-        loss = torch_head_loss(torch, self.kind, "report", self.tnet(xt), self.tweight,
-                               torch.from_numpy(y), self.s, self.m, h=0.33)
-        loss.backward()
-        self.topt.step()
+    def torch_train(self, path: str = "eager"):
+        self.paths[path].train(*self.next_batch())
 
-    def torch_eval(self):
-        torch = self.torch
-        x = self.batches[self.i % 4][0]
-        self.i += 1
-        with torch.no_grad():
-            self.tnet((torch.from_numpy(x).float() / 255 - 0.5) / 0.5)
+    def torch_eval(self, path: str = "eager"):
+        self.paths[path].eval(self.next_batch()[0])
 
 
 def timed(fn, steps: int) -> float:
@@ -139,21 +180,63 @@ def timed(fn, steps: int) -> float:
     return (time.perf_counter() - t0) / steps
 
 
+def stats(vals) -> dict:
+    return {"median": float(np.median(vals)), "min": float(np.min(vals)),
+            "max": float(np.max(vals))}
+
+
 def measure(pair: Pair, batch: int, repeats: int, steps: int) -> dict:
-    for fn in (pair.ours_train, pair.torch_train, pair.ours_eval, pair.torch_eval):
-        timed(fn, 2)  # warm-up: plans, allocations, oneDNN primitives
-    out = {k: [] for k in ("ours_train", "torch_train", "ours_eval", "torch_eval")}
-    for _ in range(repeats):  # interleaved, so drifts in machine load hit both
-        for key in out:
-            out[key].append(batch / timed(getattr(pair, key), steps))
-    res = {}
-    for key, vals in out.items():
-        res[key] = {"median": float(np.median(vals)), "min": float(np.min(vals)),
-                    "max": float(np.max(vals))}
-    res["ratio_train"] = res["ours_train"]["median"] / res["torch_train"]["median"]
-    res["ratio_eval"] = res["ours_eval"]["median"] / res["torch_eval"]["median"]
+    """Throughputs of adaloss and of every PyTorch path, interleaved. A path
+    whose warm-up fails (torch.compile without a working compiler, say) is
+    recorded with its error and left out."""
+    timed(pair.ours_train, 2)  # warm-up: plans, allocations
+    timed(pair.ours_eval, 2)
+    paths, failed, compile_s = [], {}, {}
+    for path in pair.paths:
+        try:
+            # the first call of each compiles under torch.compile: timed apart
+            first = {}
+            for mode in ("train", "eval"):
+                fn = getattr(pair, f"torch_{mode}")
+                first[mode] = timed(lambda: fn(path), 1)
+                timed(lambda: fn(path), 2)  # oneDNN primitives, recompiles
+            paths.append(path)
+            if path == "compile":
+                compile_s = first
+        except Exception as exc:  # noqa: BLE001 - a failed path is a result
+            failed[path] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300]}" \
+                if str(exc).strip() else type(exc).__name__
+            print(f"  PyTorch path {path} failed: {failed[path]}", flush=True)
+    fns = {"ours_train": pair.ours_train, "ours_eval": pair.ours_eval}
+    for path in paths:
+        fns[f"{path}_train"] = lambda p=path: pair.torch_train(p)
+        fns[f"{path}_eval"] = lambda p=path: pair.torch_eval(p)
+    out = {k: [] for k in fns}
+    for _ in range(repeats):  # interleaved, so drifts in machine load hit all
+        for key, fn in fns.items():
+            out[key].append(batch / timed(fn, steps))
+    res = {"ours_train": stats(out["ours_train"]), "ours_eval": stats(out["ours_eval"]),
+           "torch_paths": {}, "torch_failed": failed}
+    for path in paths:
+        res["torch_paths"][path] = {"train": stats(out[f"{path}_train"]),
+                                    "eval": stats(out[f"{path}_eval"])}
+    if compile_s:  # the first call's wall time: compilation plus one step
+        res["torch_paths"]["compile"]["compile_seconds"] = compile_s
+    for mode in ("train", "eval"):
+        if not paths:
+            res[f"fastest_{mode}"], res[f"ratio_{mode}"] = None, float("nan")
+            continue
+        best = max(paths, key=lambda p: res["torch_paths"][p][mode]["median"])
+        res[f"fastest_{mode}"] = best
+        res[f"torch_{mode}"] = res["torch_paths"][best][mode]
+        # the ratio that counts: against PyTorch's fastest path
+        res[f"ratio_{mode}"] = res[f"ours_{mode}"]["median"] / res[f"torch_{mode}"]["median"]
+        if "eager" in paths:
+            res[f"ratio_{mode}_eager"] = (res[f"ours_{mode}"]["median"]
+                                          / res["torch_paths"]["eager"][mode]["median"])
     res["gflops_train_ours"] = res["ours_train"]["median"] * pair.flops_train / batch / 1e9
-    res["gflops_train_torch"] = res["torch_train"]["median"] * pair.flops_train / batch / 1e9
+    if paths:
+        res["gflops_train_torch"] = res["torch_train"]["median"] * pair.flops_train / batch / 1e9
     return res
 
 
@@ -231,11 +314,10 @@ def mnist_epoch(torch, threads: int) -> dict:
             if which == "adaloss":
                 pair.trainer.step(x, y)
             else:
-                pair.batches[0] = (x, y)
-                pair.i = 0
-                pair.torch_train()
+                pair.paths["eager"].train(x, y)
         res[which] = time.perf_counter() - t0
     res["ratio"] = res["torch"] / res["adaloss"]
+    res["torch_path"] = "eager"
     return res
 
 
@@ -259,6 +341,8 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--steps", type=int, default=5, help="steps per timed repeat")
     p.add_argument("--quick", action="store_true", help="3 repeats of 3 steps")
+    p.add_argument("--paths", default=",".join(TORCH_PATHS),
+                   help="PyTorch paths to time, comma-separated, from " + ",".join(TORCH_PATHS))
     p.add_argument("--no-rss", action="store_true")
     p.add_argument("--epoch", action="store_true", help="also time a full MNIST epoch")
     p.add_argument("--out", default=None)
@@ -267,6 +351,14 @@ def main() -> int:
     args = p.parse_args()
     if args.quick:
         args.repeats, args.steps = 3, 3
+    paths = [q for q in args.paths.split(",") if q]
+    bad = [q for q in paths if q not in TORCH_PATHS]
+    if bad or not paths:
+        p.error(f"--paths: expected a comma-separated subset of {','.join(TORCH_PATHS)}, "
+                f"got {args.paths!r}")
+    # a cache of our own, so compile times are those of a cold start, not of
+    # whatever an earlier run left in inductor's default on-disk cache
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="bench-inductor-"))
     import torch
 
     nets = args.nets.split(",")
@@ -283,21 +375,23 @@ def main() -> int:
     results = {"date": time.strftime("%Y-%m-%d %H:%M"), "host": socket.gethostname(),
                "cpu": cpu_model(), "adaloss": adaloss.__version__,
                "torch": torch.__version__, "repeats": args.repeats, "steps": args.steps,
-               "configs": [], "sgemm_peak_gflops": {}}
+               "configs": [], "sgemm_peak_gflops": {},
+               "torch_paths": paths}
     for threads in map(int, args.threads.split(",")):
         results["sgemm_peak_gflops"][threads] = sgemm_peak(threads, max(3, args.repeats))
         for name in nets:
             for batch in map(int, args.batches.split(",")):
                 adaloss.set_num_threads(threads)
                 torch.set_num_threads(threads)
-                pair = Pair(torch, name, batch)
+                pair = Pair(torch, name, batch, paths)
                 res = measure(pair, batch, args.repeats, args.steps)
                 res.update(net=name, batch=batch, threads=threads,
                            peak_fraction=res["gflops_train_ours"]
                            / results["sgemm_peak_gflops"][threads])
                 results["configs"].append(res)
-                print(f"{name} batch {batch} threads {threads}: train {res['ratio_train']:.2f}x, "
-                      f"eval {res['ratio_eval']:.2f}x, {res['gflops_train_ours']:.1f} GFLOP/s "
+                print(f"{name} batch {batch} threads {threads}: train {res['ratio_train']:.2f}x "
+                      f"(vs {res['fastest_train']}), eval {res['ratio_eval']:.2f}x "
+                      f"(vs {res['fastest_eval']}), {res['gflops_train_ours']:.1f} GFLOP/s "
                       f"({100 * res['peak_fraction']:.0f} % of sgemm)", flush=True)
     if not args.no_rss:
         results["peak_rss_mib_batch256"] = {
@@ -317,20 +411,50 @@ def main() -> int:
     return 0
 
 
+def fmt(st: dict | None) -> str:
+    return "–" if st is None else f"{st['median']:.0f} ({st['min']:.0f}–{st['max']:.0f})"
+
+
 def markdown(results: dict) -> str:
-    lines = ["| network | batch | threads | adaloss train img/s (min–max) | PyTorch train img/s "
-             "(min–max) | train ratio | eval ratio | adaloss GFLOP/s | % of sgemm peak |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    paths = results.get("torch_paths", ["eager"])
+    lines = ["| network | batch | threads | adaloss train img/s (min–max) | "
+             + " | ".join(f"PyTorch {q} train img/s (min–max)" for q in paths)
+             + " | fastest PyTorch (train / eval) | train ratio | eval ratio | adaloss GFLOP/s "
+             "| % of sgemm peak |",
+             "|---|---|---|---|" + "---|" * len(paths) + "---|---|---|---|---|"]
+    compile_lines, failures = [], []
     for r in results["configs"]:
-        o, t = r["ours_train"], r["torch_train"]
-        lines.append(f"| {r['net']} | {r['batch']} | {r['threads']} | {o['median']:.0f} "
-                     f"({o['min']:.0f}–{o['max']:.0f}) | {t['median']:.0f} ({t['min']:.0f}–"
-                     f"{t['max']:.0f}) | {r['ratio_train']:.2f} | {r['ratio_eval']:.2f} | "
-                     f"{r['gflops_train_ours']:.1f} | {100 * r['peak_fraction']:.0f} |")
+        # results files written before the PyTorch paths held eager only
+        tp = r.get("torch_paths", {"eager": {"train": r.get("torch_train"),
+                                             "eval": r.get("torch_eval")}})
+        cells = " | ".join(fmt(tp[q]["train"]) if q in tp else "failed" for q in paths)
+        lines.append(f"| {r['net']} | {r['batch']} | {r['threads']} | {fmt(r['ours_train'])} | "
+                     f"{cells} | {r.get('fastest_train', 'eager')} / "
+                     f"{r.get('fastest_eval', 'eager')} | {r['ratio_train']:.2f} | "
+                     f"{r['ratio_eval']:.2f} | {r['gflops_train_ours']:.1f} | "
+                     f"{100 * r['peak_fraction']:.0f} |")
+        if "compile" in tp and "compile_seconds" in tp["compile"]:
+            c = tp["compile"]["compile_seconds"]
+            compile_lines.append(f"{r['net']} batch {r['batch']} threads {r['threads']}: "
+                                 f"training {c['train']:.1f} s, evaluation {c['eval']:.1f} s")
+        for q, err in r.get("torch_failed", {}).items():
+            failures.append(f"{r['net']} batch {r['batch']} threads {r['threads']}, {q}: {err}")
+    lines.append("")
+    lines.append("Train and eval ratios: adaloss over the fastest PyTorch path of the row.")
+    if compile_lines:
+        lines.append("")
+        lines.append("torch.compile, first call (compilation plus one step), not in the "
+                     "throughputs; the run starts with an empty inductor cache, so a later "
+                     "configuration may reuse an earlier one's kernels: "
+                     + "; ".join(compile_lines))
+    if failures:
+        lines.append("")
+        lines.append("PyTorch paths that failed: " + "; ".join(failures))
     ratios = [r["ratio_train"] for r in results["configs"] if r["batch"] == 64 and r["threads"] == 2]
     if ratios:
         lines.append("")
-        lines.append(f"Geometric mean of the training ratios at batch 64, 2 threads: "
+        lines.append(f"Geometric mean of the training ratios (against the fastest PyTorch path) "
+                     f"at batch 64, 2 threads: "
                      f"{float(np.exp(np.mean(np.log(ratios)))):.2f}x")
     lines.append("sgemm peak (2048^3, GFLOP/s): " + ", ".join(
         f"{k} thread{'s' if int(k) > 1 else ''}: {v:.1f}"

@@ -122,28 +122,49 @@ static void test_pool(void)
     CHECK(total == 36.0f, "pool backward routes every gradient once");
     CHECK(out[0] == fmaxf(fmaxf(x[0], x[1]), fmaxf(x[4], x[5])), "pool forward max");
 
-    /* a 4 x 20 plane: 8 windows per row take the 4-wide SIMD path, 2 the
-     * scalar tail; values in {0, 1, 2} make ties common, some are NaN. Each
-     * window must follow the rule: first maximum in row-major order, the
-     * first NaN wins. */
-    enum { PH = 4, PW = 20 };
-    float px[PH * PW], pout[(PH / 2) * (PW / 2)];
-    uint8_t pam[(PH / 2) * (PW / 2)];
-    for (int i = 0; i < PH * PW; i++) px[i] = (i * 37) % 13 == 0 ? NAN : (float)((i * 5) % 3);
-    ada_maxpool2d_forward(pout, pam, px, 1, 1, PH, PW, 1);
-    int rule_ok = 1;
-    for (int oh = 0; oh < PH / 2; oh++)
-        for (int ow = 0; ow < PW / 2; ow++) {
-            float v[4] = {px[2 * oh * PW + 2 * ow], px[2 * oh * PW + 2 * ow + 1],
-                          px[(2 * oh + 1) * PW + 2 * ow], px[(2 * oh + 1) * PW + 2 * ow + 1]};
-            int want = 0;
-            for (int w = 1; w < 4; w++)
-                if (v[w] > v[want] || (isnan(v[w]) && !isnan(v[want]))) want = w;
-            int o = oh * (PW / 2) + ow;
-            if (pam[o] != want || !(pout[o] == v[want] || (isnan(pout[o]) && isnan(v[want]))))
-                rule_ok = 0;
+    /* planes of 20, 14 and 15 columns (5 rows: one left out): 10, 7 and 7
+     * windows a row, so the 4-wide SIMD path, its overlapping last four and
+     * the scalar loop (3 windows) all run; values in {0, 1, 2} make ties
+     * common, some are NaN. Each window must follow the rule: first maximum
+     * in row-major order, the first NaN wins. Backward must overwrite every
+     * element of dx (it starts as garbage): the gradient at the winner, 0
+     * elsewhere, 0 in the row and column the pooling leaves out. */
+    enum { PH = 5, PWMAX = 20 };
+    const int widths[4] = {20, 14, 15, 6};
+    int rule_ok = 1, back_ok = 1;
+    for (int wi = 0; wi < 4; wi++) {
+        int PW = widths[wi], OW = PW / 2;
+        float px[PH * PWMAX], pout[(PH / 2) * (PWMAX / 2)], pdy[(PH / 2) * (PWMAX / 2)];
+        float pdx[PH * PWMAX];
+        uint8_t pam[(PH / 2) * (PWMAX / 2)];
+        for (int i = 0; i < PH * PW; i++) {
+            px[i] = (i * 37) % 13 == 0 ? NAN : (float)((i * 5) % 3);
+            pdx[i] = NAN;
         }
-    CHECK(rule_ok, "pool SIMD and scalar windows: first maximum, first NaN wins");
+        for (int i = 0; i < (PH / 2) * OW; i++) pdy[i] = (float)(i + 1);
+        ada_maxpool2d_forward(pout, pam, px, 1, 1, PH, PW, 1);
+        ada_maxpool2d_backward(pdx, pdy, pam, 1, 1, PH, PW, 1);
+        for (int oh = 0; oh < PH / 2; oh++)
+            for (int ow = 0; ow < OW; ow++) {
+                float v[4] = {px[2 * oh * PW + 2 * ow], px[2 * oh * PW + 2 * ow + 1],
+                              px[(2 * oh + 1) * PW + 2 * ow], px[(2 * oh + 1) * PW + 2 * ow + 1]};
+                int want = 0;
+                for (int w = 1; w < 4; w++)
+                    if (v[w] > v[want] || (isnan(v[w]) && !isnan(v[want]))) want = w;
+                int o = oh * OW + ow;
+                if (pam[o] != want || !(pout[o] == v[want] || (isnan(pout[o]) && isnan(v[want]))))
+                    rule_ok = 0;
+                for (int w = 0; w < 4; w++) {
+                    float g = pdx[(2 * oh + (w >> 1)) * PW + 2 * ow + (w & 1)];
+                    if (g != (w == want ? pdy[o] : 0.0f)) back_ok = 0;
+                }
+            }
+        for (int h = 0; h < PH; h++)
+            for (int w = 0; w < PW; w++)
+                if ((h >= 2 * (PH / 2) || w >= 2 * OW) && pdx[h * PW + w] != 0.0f) back_ok = 0;
+    }
+    CHECK(rule_ok, "pool SIMD, overlapping and scalar windows: first maximum, first NaN wins");
+    CHECK(back_ok, "pool backward writes every element: the gradient at the winner, 0 elsewhere");
 }
 
 static void test_heads(void)
