@@ -1,4 +1,4 @@
-"""The report's four experiments and the two corrected comparisons (DESIGN.md).
+"""The report's four experiments and the two corrected comparisons (docs/design.md).
 
 - ``report``: the four experiments exactly, quirks included: frozen class
   weights, the report's ArcFace (no normalisation, margin at test time) and
@@ -93,6 +93,23 @@ class LayerSpec:
         if self.kind in _SIZED_LAYERS:
             return [self.kind, self.in_features, self.out_features]
         return [self.kind]
+
+    # Layers were tuples like ("conv", 1, 32) before they were LayerSpecs: code
+    # that unpacks or indexes them keeps working, with a warning.
+    def _as_tuple(self) -> tuple:
+        warnings.warn("using a layer as a tuple is deprecated; use LayerSpec's kind, "
+                      "in_features and out_features (or to_json())", DeprecationWarning,
+                      stacklevel=3)
+        return tuple(self.to_json())
+
+    def __iter__(self):
+        return iter(self._as_tuple())
+
+    def __getitem__(self, index):
+        return self._as_tuple()[index]
+
+    def __len__(self) -> int:
+        return len(self._as_tuple())
 
     def build(self, kaiming_linear: bool = False) -> nn.Layer:
         """The adaloss layer (drawing its initial weights from adaloss's generator)."""

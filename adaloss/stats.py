@@ -11,10 +11,16 @@ import math
 
 import numpy as np
 
-__all__ = ["t_quantile_975", "mean_ci", "paired_differences", "wilcoxon_signed_rank",
+__all__ = ["require_scipy", "t_quantile_975", "mean_ci", "paired_differences", "wilcoxon_signed_rank",
            "ci_or_none"]
 
 _EXACT_UP_TO = 20     # pairs; beyond, the normal approximation
+
+
+def require_scipy() -> None:
+    """Raise the ImportError naming the extra now, before hours of training,
+    when SciPy (the study's statistics) is missing."""
+    _scipy_stats()
 
 
 def _scipy_stats():

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from . import datasets as _datasets
-from . import presets, runs, set_num_threads
+from . import presets, runs, set_num_threads, stats
 from ._version import __version__
 from .fileio import atomic_write
 from .presets import PRESETS, REPORT_ACCURACY, STUDY_SEEDS, RunConfig
@@ -530,6 +530,7 @@ def study(datasets=("mnist",), presets=PRESETS, seeds=None, out="study",
         raise ValueError(f"threads_per_worker: expected a positive int, got {threads_per_worker!r}")
     tasks = plan(datasets, presets, seeds, epochs, heads, overrides,
                  protocol)   # checks the arguments first
+    stats.require_scipy()    # the summary needs it: say so now, not after the training
     if subset is not None:
         if isinstance(subset, bool) or not isinstance(subset, int) or subset < 1:
             raise ValueError(f"subset: expected a positive int, got {subset!r}")

@@ -1,6 +1,6 @@
 /* adaloss.h: the one public header of the adaloss C core.
  *
- * Conventions (see STYLE.md):
+ * Conventions (docs/design.md, "The C contract"):
  *   - every symbol starts with ada_; nothing here prints, exits or includes Python;
  *   - arrays are float32, C-contiguous, NCHW; weight layouts follow PyTorch
  *     (Conv2d weight (out, in, k, k), Linear weight (out, in));
@@ -84,9 +84,11 @@ int ada_get_num_threads(void);
 /* ------------------------------------------------------------------ gemm */
 /* Row-major C = alpha * op(A) @ op(B) + beta * C, op(A) (M, K), op(B) (K, N),
  * cblas semantics. ada_sgemm splits the larger of M and N over num_threads
- * threads (each C element is computed by one thread with the full K sum, so the
- * result does not depend on the number of threads); inside a parallel region
- * it runs serially. ada_sgemm_reference is the naive triple loop, for tests. */
+ * threads (each C element is computed by one thread with the full K sum; no
+ * two threads write one element, so results do not depend on timing. They can
+ * still depend on the thread count: OpenBLAS's rounding of an element depends
+ * on the shape of the block it is computed in); inside a parallel region it
+ * runs serially. ada_sgemm_reference is the naive triple loop, for tests. */
 void ada_sgemm(int trans_a, int trans_b, int M, int N, int K, float alpha,
                const float *A, int lda, const float *B, int ldb, float beta,
                float *C, int ldc, int num_threads);

@@ -1,6 +1,6 @@
 /* heads.c: the loss heads. Softmax (linear classifier + cross-entropy),
  * CosFace, ArcFace and AdaFace, the last two in a "paper" and a "report"
- * variant (DESIGN.md gives every formula), and the combined margin
+ * variant (docs/design.md gives every formula), and the combined margin
  * cos(m1 theta + m2) - m3. The paper ArcFace has four rules for theta + m
  * near pi (ada_margin_rule in adaloss.h).
  *
@@ -129,6 +129,18 @@ void ada_head_zero_grad(ada_head *head)
     memset(head->weight_grad, 0, sizeof(float) * head->num_classes * head->embedding_dim);
 }
 
+static const char *rule_name(int rule)
+{
+    static const char *names[] = {"fallback", "easy", "clip", "straight-through"};
+    return rule >= 0 && rule < 4 ? names[rule] : "?";
+}
+
+static const char *head_name(int kind)
+{
+    static const char *names[] = {"Softmax", "CosFace", "ArcFace", "AdaFace", "CombinedMargin"};
+    return kind >= 0 && kind < 5 ? names[kind] : "?";
+}
+
 ada_status ada_head_set_margin(ada_head *head, int rule, float m1, float m2, float m3,
                                ada_error *err)
 {
@@ -138,10 +150,10 @@ ada_status ada_head_set_margin(ada_head *head, int rule, float m1, float m2, flo
                         ADA_MARGIN_STRAIGHT_THROUGH, rule);
     if (rule != ADA_MARGIN_FALLBACK &&
         !(head->kind == ADA_HEAD_ARCFACE && head->variant == ADA_VARIANT_PAPER))
-        return ada_fail(err, ADA_EINVAL, "rule: only the paper ArcFace (kind %d, variant %d) "
-                        "has margin rules other than %d (fallback), got rule %d for kind %d, "
-                        "variant %d", ADA_HEAD_ARCFACE, ADA_VARIANT_PAPER, ADA_MARGIN_FALLBACK,
-                        rule, head->kind, head->variant);
+        return ada_fail(err, ADA_EINVAL, "rule: only the paper ArcFace (variant 'paper') "
+                        "has margin rules other than 'fallback', got rule '%s' for a%s %s head",
+                        rule_name(rule), head->variant == ADA_VARIANT_REPORT ? " report" : "",
+                        head_name(head->kind));
     if (!in_range(m1, 0.0f, 10.0f, 1))
         return ada_fail(err, ADA_EINVAL, "m1: expected a finite number in (0, 10], got %g",
                         (double)m1);
@@ -234,7 +246,7 @@ static float clampf(float x, float lo, float hi, int *inside)
     return x < lo ? lo : (x > hi ? hi : x);
 }
 
-/* AdaFace quality indicator q (no gradient), per DESIGN.md */
+/* AdaFace quality indicator q (no gradient), per docs/design.md */
 static void adaface_quality(ada_head *head, int N, int training)
 {
     float *q = head->quality;

@@ -40,3 +40,14 @@ def test_old_helpers_warn_and_still_answer():
         old = training.embed(trainer.net, images, batch_size=2)
     np.testing.assert_array_equal(old, trainer.embed(images, batch_size=2))
     assert old.shape == (5, trainer.net.output_dim)
+
+
+def test_a_layer_still_unpacks_as_the_tuple_it_was():
+    """Preset layers were tuples ("conv", 1, 32) before LayerSpec: unpacking and
+    indexing still work, with a DeprecationWarning."""
+    layer = presets.ARCFACE_NETS["mnist"][0]
+    with pytest.warns(DeprecationWarning, match="layer as a tuple"):
+        kind, cin, cout = layer
+    assert (kind, cin, cout) == ("conv", 1, 32)
+    with pytest.warns(DeprecationWarning):
+        assert layer[2] == 32 and len(presets.LayerSpec("relu")) == 1

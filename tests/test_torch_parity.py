@@ -120,7 +120,7 @@ def test_head_parity(kind, variant, s, m, torch, rng):
         d_emb = head.backward()
         quality = None
         if (kind, variant) == ("adaface", "report"):
-            # q is amplified float32 rounding noise (DESIGN.md): no two
+            # q is amplified float32 rounding noise (docs/design.md): no two
             # implementations agree on it, so PyTorch gets ours
             quality = torch.from_numpy(head.last_batch()["quality"])
         et, wt = to_torch(torch, emb, True), to_torch(torch, head.weight, True)
@@ -305,7 +305,7 @@ def test_network_20_steps(name, variant, torch, rng):
         loss = trainer.step(x, y)
         quality = None
         if cfg["kind"] == "adaface" and variant == "report":
-            # q is amplified float32 rounding noise (DESIGN.md): PyTorch gets ours
+            # q is amplified float32 rounding noise (docs/design.md): PyTorch gets ours
             quality = head.last_batch()["quality"].copy()
         qualities.append(quality)
         forced.opt.zero_grad()   # the trained head too (its grad would pile up)

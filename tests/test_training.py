@@ -1,6 +1,5 @@
 """fit, evaluate, presets and checkpoints on real data subsets."""
 import json
-import os
 import signal
 import subprocess
 import sys
