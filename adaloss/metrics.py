@@ -30,7 +30,7 @@ import numpy as np
 
 __all__ = ["retrieval", "verification", "sample_pairs", "roc_curve", "roc_auc",
            "equal_error_rate", "tar_at_far", "ten_fold_accuracy", "open_set",
-           "evaluate_embeddings"]
+           "evaluate_embeddings", "jsonable"]
 
 DEFAULT_CHUNK = 1024
 DEFAULT_MAX_PAIRS = 1_000_000
@@ -558,12 +558,13 @@ def open_set(known_emb, known_labels, unknown_emb, class_weights=None, gallery_e
 
 # ----------------------------------------------------------------- everything
 
-def _plain(value):
-    """NumPy scalars -> Python numbers; NaN -> None; recursively."""
+def jsonable(value):
+    """NumPy scalars and arrays -> Python numbers and lists; NaN -> None;
+    recursively (for results.json)."""
     if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
+        return {k: jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return [jsonable(v) for v in value]
     if isinstance(value, (bool, np.bool_)):
         return bool(value)
     if isinstance(value, (int, np.integer)):
@@ -600,4 +601,4 @@ def evaluate_embeddings(emb, labels, *, gallery_emb=None, gallery_labels=None,
     if unknown_emb is not None:
         result["open_set"] = open_set(emb, labels, unknown_emb, class_weights, gallery_emb,
                                       gallery_labels, far=far, chunk_size=chunk_size)
-    return _plain(result)
+    return jsonable(result)

@@ -94,21 +94,6 @@ def protocol_data(data: datasets.Dataset, seen: list) -> datasets.Dataset:
                                      for c in seen], name=data.name)
 
 
-def _plain(value):
-    """NumPy numbers -> Python numbers, NaN -> None, recursively (for JSON)."""
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple, np.ndarray)):
-        return [_plain(v) for v in value]
-    if isinstance(value, (bool, np.bool_)):
-        return bool(value)
-    if isinstance(value, (int, np.integer)):
-        return int(value)
-    if isinstance(value, (float, np.floating)):
-        return None if math.isnan(value) else float(value)
-    return value
-
-
 def _curves(ver: dict) -> dict:
     """The figures' data from a verification's ROC: genuine and impostor
     cosine histograms (exact counts, from the cumulative counts the ROC holds)
@@ -185,7 +170,7 @@ def evaluate_model(net, head, data: datasets.Dataset, protocol: str = "closed", 
             out["open_set"] = None
             out["accuracy"] = (training.evaluate(net, head, data.test_images, data.test_labels)
                                if head.num_classes == n_classes else None)
-            return _plain(out)
+            return metrics.jsonable(out)
         if seen is None:
             seen, unseen = split_classes(n_classes, seed)
         else:
@@ -216,7 +201,7 @@ def evaluate_model(net, head, data: datasets.Dataset, protocol: str = "closed", 
                                                   known.test_labels) if own_head else None)
     except ValueError as exc:
         out["error"] = str(exc)
-    return _plain(out)
+    return metrics.jsonable(out)
 
 
 def save_model(path, trainer, config: RunConfig, seed: int, **extra) -> None:
