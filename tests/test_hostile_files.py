@@ -15,6 +15,7 @@ import json
 import os
 import pickle
 import subprocess
+import tempfile
 import sys
 import textwrap
 import zipfile
@@ -28,7 +29,6 @@ from adaloss import checkpoint, datasets, training
 from adaloss.checkpoint import CheckpointError
 from adaloss.datasets import DataError
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_child(code: str, *args, extra_mib: int = 160, timeout: float = 120) -> \
@@ -45,9 +45,13 @@ def run_child(code: str, *args, extra_mib: int = 160, timeout: float = 120) -> \
         limit = vm + {extra_mib} * 2**20
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
         """)
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1")
+    # the child imports the adaloss this test imported (installed, or built in
+    # place), never the source folder of the current directory
+    env = dict(os.environ, PYTHONPATH=str(Path(adaloss.__file__).resolve().parents[1]),
+               OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1")
     return subprocess.run([sys.executable, "-c", prelude + textwrap.dedent(code), *map(str, args)],
-                          capture_output=True, text=True, timeout=timeout, env=env)
+                          capture_output=True, text=True, timeout=timeout, env=env,
+                          cwd=tempfile.gettempdir())
 
 
 # ================================================================= checkpoints

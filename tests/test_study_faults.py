@@ -183,7 +183,8 @@ with study._folder_lock(Path(sys.argv[1])):
 def test_a_second_study_on_a_folder_is_refused_until_the_first_ends(tmp_path, capsys):
     write_grid(tmp_path)
     holder = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path)], stdout=subprocess.PIPE,
-                              text=True, env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
+                              text=True, env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)),
+                              cwd=tmp_path)
     try:
         assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(study.FolderBusy, match=f"{tmp_path} is in use by another study "

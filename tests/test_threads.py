@@ -3,6 +3,7 @@ a step runs, a step in a child forked after threads ran, and backward against
 a batch other than the last forward's. Crashes and hangs are caught in a
 subprocess with a timeout."""
 import subprocess
+import tempfile
 import sys
 import textwrap
 
@@ -14,8 +15,10 @@ from adaloss import _core
 
 
 def run_script(source: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    # run outside the project folder: `-c` puts the current folder first on
+    # sys.path, and the source folder adaloss/ there has no built extension
     return subprocess.run([sys.executable, "-c", textwrap.dedent(source)], capture_output=True,
-                          text=True, timeout=timeout)
+                          text=True, timeout=timeout, cwd=tempfile.gettempdir())
 
 
 def test_set_num_threads_from_another_thread_during_steps():
