@@ -154,6 +154,7 @@ def test_cli_help_documents_every_option(tmp_path):
     assert not (tmp_path / "st").exists()      # nothing written for a bad grid
 
 
+@pytest.mark.slow
 def test_cli_lr_sets_every_heads_learning_rate(tmp_path, shared_data):
     out = tmp_path / "res"
     cmd = [sys.executable, "-m", "adaloss", "reproduce", "--dataset", "mnist", "--preset",

@@ -240,6 +240,7 @@ def test_cli_bad_head_settings_fail_clearly_and_write_nothing(tmp_path, capsys, 
     assert not (tmp_path / "st").exists()
 
 
+@pytest.mark.slow
 def test_cli_reproduce_records_rule_warmup_and_diagnostics(tmp_path, shared_data):
     out = tmp_path / "res"
     cmd = [sys.executable, "-m", "adaloss", "reproduce", "--dataset", "mnist", "--preset",

@@ -48,6 +48,7 @@ def write_grid(out: Path, seeds: int = 1, subset=200, epochs=1) -> list:
 # ---------------------------------------------------------------- records
 
 
+@pytest.mark.slow
 def test_a_record_made_with_other_settings_is_refused_naming_file_and_settings(tmp_path,
                                                                                shared_data):
     out = tmp_path / "s"
