@@ -214,16 +214,20 @@ def _move_aside(path: Path, folder: str) -> Path:
     return dest
 
 
-def _set_aside_bad_records(runs_dir: Path) -> None:
+def _set_aside_bad_records(runs_dir: Path) -> dict:
     """Bad record files (truncated, mistyped, foreign) are moved to runs/.bad/
     with a message: their runs count as not done, and no later study stops on
-    them."""
+    them. Returns the good records read, {path: record}, in name order."""
+    good = {}
     for path in sorted(runs_dir.glob("*.json")):
         record, problem = _read_record(path)
         if problem is not None:
             dest = _move_aside(path, ".bad")
             print(f"study: {path} is not a valid run record ({problem}); moved to {dest}, its "
                   "run counts as not done", file=sys.stderr, flush=True)
+        else:
+            good[path] = record
+    return good
 
 
 @contextmanager
@@ -552,7 +556,7 @@ def _study_locked(out, tasks, datasets, presets, seeds, epochs, subset, data_roo
                   threads_per_worker, scheduler, max_runs, progress, heads,
                   rerun_mismatched, overrides, protocol) -> dict:
     runs_dir = out / "runs"
-    _set_aside_bad_records(runs_dir)
+    records = _set_aside_bad_records(runs_dir)
     # Cells that make the very same run (the paper and fair AdaFace runs: same
     # network, head, optimizer and seed) are trained once; the other cell gets a
     # copy of the record marked "same_run_as".
@@ -562,8 +566,7 @@ def _study_locked(out, tasks, datasets, presets, seeds, epochs, subset, data_roo
     finished, mismatches = {}, {}
     # every record in the folder is summarised under this command, so every
     # one must hold this command's settings, planned now or not (--heads)
-    for path in sorted(runs_dir.glob("*.json")):
-        record = json.loads(path.read_text())         # checked by _set_aside_bad_records
+    for path, record in records.items():
         config, seed = planned.get(path.stem) or (_config_of(record, epochs), record["seed"])
         if config is None:
             diffs = {"dataset/preset/head": (f"{record['dataset']}/{record['preset']}/"
