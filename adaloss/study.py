@@ -127,6 +127,8 @@ LEGACY_DEFAULTS: dict = {}
 def record_settings(config, seed: int, subset, threads: int) -> dict:
     """{setting: value} that a run's record must hold to be reused for it."""
     settings = {f"config.{k}": v for k, v in config.to_dict().items()}
+    if config.protocol == "open":   # the run's head has one class per seen class
+        settings["config.num_classes"] = len(runs.split_classes(config.num_classes, seed)[0])
     settings.update(seed=seed, subset=subset, threads=threads, adaloss_version=__version__)
     assert set(settings) >= set(RECORD_SETTINGS), "record_settings misses a RECORD_SETTINGS key"
     return settings
@@ -740,6 +742,63 @@ def _cell_head(record: dict) -> str:
     return name[len(prefix):] if name.startswith(prefix + record["head"]) else record["head"]
 
 
+# The embedding metrics a cell summarises when every run of it has them (the
+# records of runs with `metrics`, closed or open protocol), in %: name ->
+# (label, where in the record's "metrics"; a float picks the entry of a list
+# of {"far", "tar"} at that false-accept rate). "trapped" is the share of the
+# test images whose angle to their own class weight is 140 degrees or more
+# (ArcFace's trap with m = 0.5 lies near 151 degrees).
+EMBEDDING_METRICS = {
+    "map_at_r": ("MAP@R", ("retrieval", "map_at_r")),
+    "precision_at_1": ("P@1", ("retrieval", "precision_at_1")),
+    "tar_at_far_1e-3": ("TAR@FAR=1e-3", ("verification", "tar_at_far", 1e-3)),
+    "roc_auc": ("ROC AUC", ("verification", "roc_auc")),
+    "open_set_auroc": ("open-set AUROC", ("open_set", "class_weights", "auroc")),
+    "open_set_auroc_gallery": ("open-set AUROC (gallery)", ("open_set", "gallery", "auroc")),
+    "trapped": ("trapped", None),
+}
+TRAPPED_DEG = 140.0
+# the metrics whose paired differences the summary table shows (summary.json
+# holds them for every metric)
+PAIRED_IN_TABLE = ("map_at_r", "tar_at_far_1e-3", "open_set_auroc", "trapped")
+
+
+def _embedding_metric(record: dict, name: str) -> float | None:
+    """One of EMBEDDING_METRICS of a run record, in %; None where the record
+    does not have it."""
+    if name == "trapped":
+        hist = record.get("theta_hist") or {}
+        counts, edges = hist.get("counts"), hist.get("edges")
+        if not counts or not edges or sum(counts) == 0:
+            return None
+        inside = sum(c for c, e in zip(counts, edges) if e >= TRAPPED_DEG)
+        return 100.0 * inside / sum(counts)
+    value = record.get("metrics")
+    for key in EMBEDDING_METRICS[name][1]:
+        if isinstance(key, float):
+            value = next((e.get("tar") for e in value if e.get("far") == key), None) \
+                if isinstance(value, list) else None
+        else:
+            value = value.get(key) if isinstance(value, dict) else None
+        if value is None:
+            return None
+    return 100.0 * value if _number(value) else None
+
+
+def _metric_cells(rs: list) -> dict:
+    """{metric: mean_ci + "values"} over the runs `rs` (sorted by seed), for
+    the metrics every one of them has; none when no run has embedding
+    metrics, so that studies made before them summarise as they did."""
+    if not any("metrics" in r for r in rs):
+        return {}
+    out = {}
+    for name in EMBEDDING_METRICS:
+        values = [_embedding_metric(r, name) for r in rs]
+        if values and None not in values:
+            out[name] = dict(mean_ci(values), values=values)
+    return out
+
+
 def summarize(out, planned: int | None = None, records: list | None = None) -> dict:
     """Cells (mean, std, CI), paired comparisons and CPU time of a study folder;
     `planned`, the grid's number of runs, marks a summary of an unfinished grid;
@@ -749,7 +808,7 @@ def summarize(out, planned: int | None = None, records: list | None = None) -> d
     cells: dict = {}
     for r in records:
         cells.setdefault((r["dataset"], r["preset"], _cell_head(r)), []).append(r)
-    cell_rows, pairs = [], []
+    cell_rows, pairs, metric_pairs = [], [], []
     for (dataset, preset, head), rs in sorted(cells.items()):
         rs = sorted(rs, key=lambda r: r["seed"])
         stats = mean_ci([100 * r["test_accuracy"] for r in rs])
@@ -757,6 +816,9 @@ def summarize(out, planned: int | None = None, records: list | None = None) -> d
                      accuracies=[100 * r["test_accuracy"] for r in rs],
                      margin_free_mean=float(np.mean([100 * r["test_accuracy_plain"] for r in rs])),
                      report=REPORT_ACCURACY.get((dataset, head)) if preset == "report" else None)
+        metrics = _metric_cells(rs)
+        if metrics:
+            stats["metrics"] = metrics
         cell_rows.append(stats)
     groups: dict = {}
     for c in cell_rows:
@@ -772,12 +834,28 @@ def summarize(out, planned: int | None = None, records: list | None = None) -> d
                           "n": len(common), "mean_diff": stats["mean"], "ci95": stats["ci95"],
                           "wilcoxon_p": wilcoxon_signed_rank(diffs), "seeds": common,
                           "diffs": diffs})
+            for name in EMBEDDING_METRICS:
+                if name not in a.get("metrics", {}) or name not in b.get("metrics", {}):
+                    continue
+                common, diffs = paired_differences(
+                    dict(zip(a["seeds"], a["metrics"][name]["values"])),
+                    dict(zip(b["seeds"], b["metrics"][name]["values"])))
+                stats = mean_ci(diffs)
+                metric_pairs.append({"dataset": dataset, "preset": preset, "a": a["head"],
+                                     "b": b["head"], "metric": name, "n": len(common),
+                                     "mean_diff": stats["mean"], "ci95": stats["ci95"],
+                                     "wilcoxon_p": wilcoxon_signed_rank(diffs),
+                                     "seeds": common, "diffs": diffs})
     cpu_seconds = sum(r["wall_seconds"] * r.get("threads", 1) for r in records
                       if "same_run_as" not in r)   # a copied run took no time
-    return {"adaloss_version": __version__, "created": time.strftime("%Y-%m-%d %H:%M"),
-            "cells": cell_rows, "pairs": pairs, "runs": len(records), "runs_planned": planned,
-            "cpu_hours": cpu_seconds / 3600,
-            "table": _table(cell_rows, pairs, cpu_seconds, len(records), planned)}
+    summary = {"adaloss_version": __version__, "created": time.strftime("%Y-%m-%d %H:%M"),
+               "cells": cell_rows, "pairs": pairs, "runs": len(records),
+               "runs_planned": planned, "cpu_hours": cpu_seconds / 3600,
+               "table": _table(cell_rows, pairs, cpu_seconds, len(records), planned,
+                               metric_pairs)}
+    if metric_pairs or any("metrics" in c for c in cell_rows):
+        summary["metric_pairs"] = metric_pairs
+    return summary
 
 
 def _fmt_ci(ci) -> str:
@@ -785,7 +863,41 @@ def _fmt_ci(ci) -> str:
     return "–" if ci is None else f"[{ci[0]:.2f}, {ci[1]:.2f}]"
 
 
-def _table(cells, pairs, cpu_seconds, done: int, planned: int | None) -> str:
+def _metric_tables(cells, metric_pairs) -> list:
+    """Markdown lines: each cell's embedding metrics, then the paired
+    differences of those in PAIRED_IN_TABLE."""
+    shown = [c for c in cells if c.get("metrics")]
+    if not shown:
+        return []
+    names = [n for n in EMBEDDING_METRICS if any(n in c["metrics"] for c in shown)]
+    lines = ["", "Embedding metrics, % (mean ± std over seeds; trapped: test images at "
+             f"θ_y ≥ {TRAPPED_DEG:.0f}°):", "",
+             "| data set | preset | head | seeds | "
+             + " | ".join(EMBEDDING_METRICS[n][0] for n in names) + " |",
+             "|---|---|---|---|" + "---|" * len(names)]
+    for c in shown:
+        cols = []
+        for n in names:
+            m = c["metrics"].get(n)
+            cols.append("–" if m is None else f"{m['mean']:.2f}"
+                        + (f" ± {m['std']:.2f}" if m["n"] > 1 else ""))
+        lines.append(f"| {c['dataset']} | {c['preset']} | {c['head']} | {c['n']} | "
+                     + " | ".join(cols) + " |")
+    rows = [p for p in metric_pairs if p["metric"] in PAIRED_IN_TABLE]
+    if rows:
+        lines += ["", "| data set | preset | A − B | metric | pairs | mean difference (points) "
+                  "| 95 % CI | Wilcoxon p |", "|---|---|---|---|---|---|---|---|"]
+        for p in sorted(rows, key=lambda p: (p["dataset"], p["preset"],
+                                             PAIRED_IN_TABLE.index(p["metric"]))):
+            lines.append(f"| {p['dataset']} | {p['preset']} | {p['a']} − {p['b']} | "
+                         f"{EMBEDDING_METRICS[p['metric']][0]} | {p['n']} | "
+                         f"{p['mean_diff']:+.2f} | {_fmt_ci(p['ci95'])} | "
+                         f"{p['wilcoxon_p']:.3f} |")
+    return lines
+
+
+def _table(cells, pairs, cpu_seconds, done: int, planned: int | None,
+           metric_pairs=()) -> str:
     lines = ["| data set | preset | head | seeds | accuracy % mean ± std | 95 % CI | margin-free % "
              "| report % |", "|---|---|---|---|---|---|---|---|"]
     for c in cells:
@@ -798,6 +910,7 @@ def _table(cells, pairs, cpu_seconds, done: int, planned: int | None) -> str:
     for p in pairs:
         lines.append(f"| {p['dataset']} | {p['preset']} | {p['a']} − {p['b']} | {p['n']} | "
                      f"{p['mean_diff']:+.2f} | {_fmt_ci(p['ci95'])} | {p['wilcoxon_p']:.3f} |")
+    lines += _metric_tables(cells, metric_pairs)
     lines += ["", f"CPU time of the grid: {cpu_seconds / 3600:.2f} CPU-hours (wall time x threads)."]
     if planned is not None and done < planned:
         lines.append(f"Unfinished grid: {done} of {planned} runs; the cells above hold the "

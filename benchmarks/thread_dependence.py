@@ -26,7 +26,7 @@ LAYERS = {  # name: (layers, input shape per example)
     "linear 3136->128": ([("flatten",), ("linear", 3136, 128)], (64, 7, 7)),
     "linear 12544->256": ([("flatten",), ("linear", 12544, 256)], (64, 14, 14)),
     "conv 1->32 @28 (2 images per GEMM)": ([("conv", 1, 32)], (1, 28, 28)),
-    "conv 32->64 @14 (6 images per GEMM)": ([("conv", 32, 64)], (32, 14, 14)),
+    "conv 32->64 @14 (8 images per GEMM; 6 before 2026-12-01)": ([("conv", 32, 64)], (32, 14, 14)),
     "conv 128->256 @8 (16 images per GEMM)": ([("conv", 128, 256)], (128, 8, 8)),
 }
 

@@ -83,12 +83,14 @@ int ada_get_num_threads(void);
 
 /* ------------------------------------------------------------------ gemm */
 /* Row-major C = alpha * op(A) @ op(B) + beta * C, op(A) (M, K), op(B) (K, N),
- * cblas semantics. ada_sgemm splits the larger of M and N over num_threads
- * threads (each C element is computed by one thread with the full K sum; no
- * two threads write one element, so results do not depend on timing. They can
- * still depend on the thread count: OpenBLAS's rounding of an element depends
- * on the shape of the block it is computed in); inside a parallel region it
- * runs serially. ada_sgemm_reference is the naive triple loop, for tests. */
+ * cblas semantics. ada_sgemm cuts the larger of M and N into ADA_GEMM_BLOCKS
+ * blocks (from 4 MFLOP up) and runs them on up to that many of num_threads
+ * threads; the BLAS calls are the same whatever the thread count, so results
+ * are too (OpenBLAS's rounding of an element depends on the shape of the call
+ * it is computed in). Each C element is computed by one call with the full K
+ * sum; inside a parallel region the blocks run in turn. ada_sgemm_serial is
+ * one BLAS call; ada_sgemm_reference the naive triple loop, for tests. */
+#define ADA_GEMM_BLOCKS 2
 void ada_sgemm(int trans_a, int trans_b, int M, int N, int K, float alpha,
                const float *A, int lda, const float *B, int ldb, float beta,
                float *C, int ldc, int num_threads);
@@ -103,8 +105,9 @@ void ada_sgemm_reference(int trans_a, int trans_b, int M, int N, int K, float al
 /* 2-D convolution, stride 1, zero padding `pad`, square odd kernel k.
  * inp (N, C, H, W), weight (OC, C, k, k), bias (OC), out (N, OC, OH, OW)
  * with OH = H + 2 pad - k + 1. `workspace` holds ada_conv2d_workspace_floats
- * floats for the same num_threads. */
-size_t ada_conv2d_workspace_floats(int C, int H, int W, int OC, int k, int pad,
+ * floats for a batch of at least N and the same num_threads. Results do not
+ * depend on num_threads. */
+size_t ada_conv2d_workspace_floats(int N, int C, int H, int W, int OC, int k, int pad,
                                    int num_threads);
 void ada_conv2d_forward(float *out, float *workspace, const float *inp,
                         const float *weight, const float *bias,
@@ -203,6 +206,7 @@ typedef struct ada_head {
     float *dcosine;     /* (cap, C) d loss / d cosine, filled by forward */
     float *quality;     /* (cap) AdaFace q of the last forward */
     float *target_angle;/* (cap) theta_y of the last forward */
+    double *example_loss; /* (cap) each example's loss; owns the caches' block */
 } ada_head;
 
 /* kind and variant as the enums above; 1 <= num_classes, embedding_dim <=

@@ -1,9 +1,12 @@
 /* conv2d.c: 2-D convolution, stride 1, zero padding, as im2col + GEMM.
  *
- * Each thread owns a contiguous block of images and one slice of the shared
- * workspace: an im2col buffer (K = C k k rows, OH OW columns) and private
- * weight/bias gradient accumulators that are summed in thread order at the
- * end, so results depend on the thread count but never on timing. */
+ * The work is cut into pieces that depend on the batch and the layer, never
+ * on the thread count: GEMM groups of `group` images and, in backward,
+ * reduction chunks of `chunk` images, both counted from image 0. Threads
+ * take whole pieces, each with its slice of the workspace (an im2col buffer
+ * of K = C k k rows); every chunk sums its weight and bias gradients into a
+ * slot of its own, and the slots are added in chunk order. So results are
+ * the same on any number of threads, and never depend on timing. */
 #include "adaloss.h"
 
 #include <omp.h>
@@ -12,7 +15,8 @@
 typedef struct {
     int C, H, W, OC, k, pad, OH, OW;
     int group;                 /* images per GEMM: small feature maps are batched */
-    size_t K, OHW, ld, col_floats, tmp_floats, pad_floats, thread_floats;
+    int chunk;                 /* images per gradient slot in backward: whole groups */
+    size_t K, OHW, ld, col_floats, tmp_floats, pad_floats, thread_floats, slot_floats;
 } conv_geom;
 
 static conv_geom geometry(int C, int H, int W, int OC, int k, int pad)
@@ -24,24 +28,33 @@ static conv_geom geometry(int C, int H, int W, int OC, int k, int pad)
     g.K = (size_t)C * k * k;
     g.OHW = (size_t)g.OH * g.OW;
     /* A GEMM whose N = OH OW is small (8x8 maps: 64) runs far below peak;
-     * side by side in one im2col buffer, `group` images make N >= ~1024. */
-    g.group = g.OHW >= 1024 ? 1 : (int)((1024 + g.OHW - 1) / g.OHW);
-    if (g.group > 16) g.group = 16;
+     * side by side in one im2col buffer, `group` images make N >= ~1024. A
+     * power of two, so that batches of 2^k images split evenly over threads. */
+    g.group = 1;
+    while (g.group < 16 && (size_t)g.group * g.OHW < 1024) g.group *= 2;
+    g.chunk = g.group > 8 ? g.group : 8;
     g.ld = g.OHW * g.group;
     g.col_floats = g.K * g.ld;
     g.tmp_floats = g.group > 1 ? (size_t)OC * g.ld : 0;
     g.pad_floats = pad ? (size_t)C * (H + 2 * pad) * (W + 2 * pad) : 0;
-    /* col, tmp (OC, ld), then dweight (OC, K), dbias (OC), then the padded
-     * image; rounded to 16 floats so threads never share a cache line */
-    g.thread_floats = (g.col_floats + g.tmp_floats + g.K * OC + OC + g.pad_floats + 15) / 16 * 16;
+    /* per thread: col, tmp (OC, ld), then the padded image; per chunk: a
+     * slot of dweight (OC, K) and dbias (OC); each rounded to 16 floats so
+     * threads never share a cache line */
+    g.thread_floats = (g.col_floats + g.tmp_floats + g.pad_floats + 15) / 16 * 16;
+    g.slot_floats = (g.K * OC + OC + 15) / 16 * 16;
     return g;
 }
 
-size_t ada_conv2d_workspace_floats(int C, int H, int W, int OC, int k, int pad,
+static size_t num_chunks(const conv_geom *g, int N)
+{
+    return N > 0 ? ((size_t)N + g->chunk - 1) / g->chunk : 0;
+}
+
+size_t ada_conv2d_workspace_floats(int N, int C, int H, int W, int OC, int k, int pad,
                                    int num_threads)
 {
     conv_geom g = geometry(C, H, W, OC, k, pad);
-    return g.thread_floats * (size_t)num_threads;
+    return g.thread_floats * (size_t)num_threads + g.slot_floats * num_chunks(&g, N);
 }
 
 /* xp = x with `pad` zeros around each of its C planes: (C, H + 2 pad, W + 2 pad) */
@@ -164,27 +177,26 @@ static void bias_relu(float *dst, const float *src, const float *bias, int OC, s
 }
 
 /* out (N, OC, OH, OW) = weight (OC, K) @ col (K, group OH OW) + bias, then
- * ReLU when `relu`: one GEMM per group of images, images split over threads
- * in contiguous blocks. */
+ * ReLU when `relu`: one GEMM per group of images, groups shared out over the
+ * threads. */
 void ada_conv2d_forward(float *out, float *workspace, const float *inp,
                         const float *weight, const float *bias,
                         int N, int C, int H, int W, int OC, int k, int pad, int relu,
                         int num_threads)
 {
     conv_geom g = geometry(C, H, W, OC, k, pad);
-    int threads = num_threads;
-    if (threads > N) threads = N > 0 ? N : 1;
+    int groups = N > 0 ? (N + g.group - 1) / g.group : 0;
+    int threads = num_threads < groups ? num_threads : (groups > 0 ? groups : 1);
     const int direct = k == 1 && pad == 0 && g.group == 1;  /* the input is its own im2col */
     #pragma omp parallel num_threads(threads)
     {
-        int tid = omp_get_thread_num(), team = omp_get_num_threads();
-        float *col = workspace + g.thread_floats * (size_t)tid;
+        float *col = workspace + g.thread_floats * (size_t)omp_get_thread_num();
         float *tmp = col + g.col_floats;
-        float *xp = tmp + g.tmp_floats + g.K * OC + OC;
-        int block = (N + team - 1) / team;
-        int n0 = tid * block, n1 = n0 + block < N ? n0 + block : N;
-        for (int n = n0; n < n1; n += g.group) {
-            int count = n1 - n < g.group ? n1 - n : g.group;
+        float *xp = tmp + g.tmp_floats;
+        #pragma omp for schedule(static)
+        for (int gi = 0; gi < groups; gi++) {
+            int n = gi * g.group;
+            int count = N - n < g.group ? N - n : g.group;
             size_t cols = (size_t)count * g.OHW;
             const float *x = inp + (size_t)n * C * H * W;
             if (count == 1) {
@@ -210,7 +222,9 @@ void ada_conv2d_forward(float *out, float *workspace, const float *inp,
 /* Chain rule for y = W col + b (per image):
  *   dW += dy col^T (summed over images), db += sum of dy over positions,
  *   dcol = W^T dy, and dx = col2im(dcol).
- * With a fused ReLU, dy is first masked by out > 0 (d relu(v)/dv = [v > 0]). */
+ * With a fused ReLU, dy is first masked by out > 0 (d relu(v)/dv = [v > 0]).
+ * Each chunk of images sums its dW and db into its own slot (groups in
+ * order); the slots are then added to dweight and dbias in chunk order. */
 void ada_conv2d_backward(float *dinp, float *dweight, float *dbias, float *workspace,
                          float *dout, const float *out, const float *inp,
                          const float *weight,
@@ -218,70 +232,71 @@ void ada_conv2d_backward(float *dinp, float *dweight, float *dbias, float *works
                          int num_threads)
 {
     conv_geom g = geometry(C, H, W, OC, k, pad);
-    int threads = num_threads;
-    if (threads > N) threads = N > 0 ? N : 1;
+    int chunks = (int)num_chunks(&g, N);
+    int threads = num_threads < chunks ? num_threads : (chunks > 0 ? chunks : 1);
     const int direct = k == 1 && pad == 0 && g.group == 1;
+    float *slots = workspace + g.thread_floats * (size_t)num_threads;
     #pragma omp parallel num_threads(threads)
     {
-        int tid = omp_get_thread_num(), team = omp_get_num_threads();
-        float *col = workspace + g.thread_floats * (size_t)tid;
+        float *col = workspace + g.thread_floats * (size_t)omp_get_thread_num();
         float *tmp = col + g.col_floats;
-        float *dw = tmp + g.tmp_floats;
-        float *db = dw + g.K * OC;
-        float *xp = db + OC;
-        memset(dw, 0, sizeof(float) * (g.K * OC + OC));
-        /* the forward's split: each thread's images are contiguous and summed
-         * in order, so the result does not depend on timing */
-        int block = (N + team - 1) / team;
-        int n0 = tid * block, n1 = n0 + block < N ? n0 + block : N;
-        for (int n = n0; n < n1; n += g.group) {
-            int count = n1 - n < g.group ? n1 - n : g.group;
-            size_t cols = (size_t)count * g.OHW;
-            /* dy of the group as one (OC, cols) matrix: in place for one image,
-             * gathered into tmp for several; masked by a fused ReLU */
-            float *dy = count == 1 ? dout + (size_t)n * OC * g.OHW : tmp;
-            for (int j = 0; j < count; j++) {
-                float *src = dout + (size_t)(n + j) * OC * g.OHW;
-                const float *y = out ? out + (size_t)(n + j) * OC * g.OHW : NULL;
-                for (int oc = 0; oc < OC; oc++) {
-                    const float *s_row = src + (size_t)oc * g.OHW;
-                    float *d_row = dy + (size_t)oc * cols + (size_t)j * g.OHW;
-                    if (y)   /* in place when d_row == s_row */
-                        ada_relu_mask(d_row, s_row, y + (size_t)oc * g.OHW, g.OHW);
-                    else if (d_row != s_row)
-                        memcpy(d_row, s_row, sizeof(float) * g.OHW);
-                    db[oc] += sum8(d_row, g.OHW);
+        float *xp = tmp + g.tmp_floats;
+        #pragma omp for schedule(static)
+        for (int ci = 0; ci < chunks; ci++) {
+            float *dw = slots + g.slot_floats * (size_t)ci;
+            float *db = dw + g.K * OC;
+            memset(db, 0, sizeof(float) * OC);
+            int chunk_end = (ci + 1) * g.chunk < N ? (ci + 1) * g.chunk : N;
+            for (int n = ci * g.chunk; n < chunk_end; n += g.group) {
+                int count = chunk_end - n < g.group ? chunk_end - n : g.group;
+                size_t cols = (size_t)count * g.OHW;
+                /* dy of the group as one (OC, cols) matrix: in place for one
+                 * image, gathered into tmp for several; masked by a fused ReLU */
+                float *dy = count == 1 ? dout + (size_t)n * OC * g.OHW : tmp;
+                for (int j = 0; j < count; j++) {
+                    float *src = dout + (size_t)(n + j) * OC * g.OHW;
+                    const float *y = out ? out + (size_t)(n + j) * OC * g.OHW : NULL;
+                    for (int oc = 0; oc < OC; oc++) {
+                        const float *s_row = src + (size_t)oc * g.OHW;
+                        float *d_row = dy + (size_t)oc * cols + (size_t)j * g.OHW;
+                        if (y)   /* in place when d_row == s_row */
+                            ada_relu_mask(d_row, s_row, y + (size_t)oc * g.OHW, g.OHW);
+                        else if (d_row != s_row)
+                            memcpy(d_row, s_row, sizeof(float) * g.OHW);
+                        db[oc] += sum8(d_row, g.OHW);
+                    }
                 }
-            }
-            const float *x = inp + (size_t)n * C * H * W;
-            if (!direct)
-                for (int j = 0; j < count; j++)
-                    im2col(col + (size_t)j * g.OHW, cols,
-                           padded(xp, x + (size_t)j * C * H * W, &g), &g);
-            ada_sgemm_serial(0, 1, OC, (int)g.K, (int)cols, 1.0f, dy, (int)cols,
-                             direct ? x : col, (int)cols, 1.0f, dw, (int)g.K);
-            if (dinp) {
-                float *dx = dinp + (size_t)n * C * H * W;
-                if (direct) {
-                    ada_sgemm_serial(1, 0, (int)g.K, (int)cols, OC, 1.0f, weight, (int)g.K,
-                                     dy, (int)cols, 0.0f, dx, (int)cols);
-                } else {
-                    ada_sgemm_serial(1, 0, (int)g.K, (int)cols, OC, 1.0f, weight, (int)g.K,
-                                     dy, (int)cols, 0.0f, col, (int)cols);
+                const float *x = inp + (size_t)n * C * H * W;
+                if (!direct)
                     for (int j = 0; j < count; j++)
-                        col2im(dx + (size_t)j * C * H * W, xp, col + (size_t)j * g.OHW, cols,
-                               &g);
+                        im2col(col + (size_t)j * g.OHW, cols,
+                               padded(xp, x + (size_t)j * C * H * W, &g), &g);
+                /* the chunk's first group sets its slot, the others add to it */
+                ada_sgemm_serial(0, 1, OC, (int)g.K, (int)cols, 1.0f, dy, (int)cols,
+                                 direct ? x : col, (int)cols, n == ci * g.chunk ? 0.0f : 1.0f,
+                                 dw, (int)g.K);
+                if (dinp) {
+                    float *dx = dinp + (size_t)n * C * H * W;
+                    if (direct) {
+                        ada_sgemm_serial(1, 0, (int)g.K, (int)cols, OC, 1.0f, weight, (int)g.K,
+                                         dy, (int)cols, 0.0f, dx, (int)cols);
+                    } else {
+                        ada_sgemm_serial(1, 0, (int)g.K, (int)cols, OC, 1.0f, weight, (int)g.K,
+                                         dy, (int)cols, 0.0f, col, (int)cols);
+                        for (int j = 0; j < count; j++)
+                            col2im(dx + (size_t)j * C * H * W, xp, col + (size_t)j * g.OHW,
+                                   cols, &g);
+                    }
                 }
             }
         }
-        #pragma omp barrier
-        /* reduce the private accumulators in thread order, split by element */
-        size_t total = g.K * OC + OC, priv = g.col_floats + g.tmp_floats;
+        /* (the implied barrier of the loop above) then the slots in chunk
+         * order, split by element */
+        size_t total = g.K * OC + OC;
         #pragma omp for schedule(static)
         for (size_t i = 0; i < total; i++) {
             float acc = 0.0f;
-            for (int t = 0; t < team; t++)
-                acc += (workspace + g.thread_floats * (size_t)t + priv)[i];
+            for (int c = 0; c < chunks; c++) acc += slots[g.slot_floats * (size_t)c + i];
             if (i < g.K * OC) dweight[i] += acc;
             else dbias[i - g.K * OC] += acc;
         }

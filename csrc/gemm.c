@@ -98,20 +98,26 @@ void ada_sgemm(int trans_a, int trans_b, int M, int N, int K, float alpha,
                const float *A, int lda, const float *B, int ldb, float beta,
                float *C, int ldc, int num_threads)
 {
-    int threads = omp_in_parallel() ? 1 : num_threads;
     double flops = 2.0 * M * N * K;
-    if (threads <= 1 || flops < 4.0e6) {
+    if (flops < 4.0e6) {
         ada_sgemm_serial(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
         return;
     }
-    /* Split the larger output dimension into one contiguous block per thread,
-     * rounded to 16 so blocks stay aligned with the BLAS kernels' panels. */
+    /* Two blocks of the larger output dimension (rounded to 16 so they stay
+     * aligned with the BLAS kernels' panels), whatever the thread count: one
+     * thread computes both in turn, two or more take one each. OpenBLAS's
+     * value for an element depends on the shape of the call it is computed
+     * in, so the calls, not just the sums, must not follow the thread count
+     * for results to be the same on 1, 2 or 64 threads. Costs one thread a
+     * second packing of the shared operand, a few per cent of a large GEMM. */
     int split_n = N >= M;
     int extent = split_n ? N : M;
-    int block = (extent + threads - 1) / threads;
+    int block = (extent + ADA_GEMM_BLOCKS - 1) / ADA_GEMM_BLOCKS;
     block = (block + 15) / 16 * 16;
-    #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int t = 0; t < threads; t++) {
+    int threads = omp_in_parallel() ? 1 : num_threads;
+    if (threads > ADA_GEMM_BLOCKS) threads = ADA_GEMM_BLOCKS;
+    #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+    for (int t = 0; t < ADA_GEMM_BLOCKS; t++) {
         int start = t * block;
         int stop = start + block < extent ? start + block : extent;
         if (start >= stop) continue;

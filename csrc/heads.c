@@ -96,7 +96,7 @@ void ada_head_free(ada_head *head)
 {
     if (!head) return;
     free(head->weight);
-    free(head->emb_unit);
+    free(head->example_loss);
     free(head);
 }
 
@@ -107,12 +107,15 @@ ada_status ada_head_reserve(ada_head *head, int N, ada_error *err)
                         ADA_MAX_BATCH, N);
     if (N <= head->capacity) return ADA_OK;
     size_t D = head->embedding_dim, C = head->num_classes;
-    /* emb_unit (N D), cosine and dcosine (N C each), emb_norm, quality, angle (N) */
-    float *block = malloc(sizeof(float) * ((size_t)N * (D + 2 * C + 3)));
-    if (!block)
+    /* example_loss (N doubles) first, for its alignment, then emb_unit (N D),
+     * cosine and dcosine (N C each), emb_norm, quality, angle (N) */
+    double *losses = malloc(sizeof(double) * N + sizeof(float) * ((size_t)N * (D + 2 * C + 3)));
+    if (!losses)
         return ada_fail(err, ADA_ENOMEM, "out of memory for the head's caches for a batch of %d",
                         N);
-    free(head->emb_unit);
+    float *block = (float *)(losses + N);
+    free(head->example_loss);
+    head->example_loss = losses;
     head->emb_unit = block;
     head->cosine = block + (size_t)N * D;
     head->dcosine = head->cosine + (size_t)N * C;
@@ -434,10 +437,8 @@ ada_status ada_head_forward(ada_head *head, float *loss, const float *emb,
     if (st != ADA_OK) return st;
     cosines(head, emb, N, num_threads);
     if (head->kind == ADA_HEAD_ADAFACE) adaface_quality(head, N, training);
-    double total = 0.0;
     const float s = head->s, inv_n = 1.0f / (float)N;
-    #pragma omp parallel for schedule(static) reduction(+ : total) if (N * C > 8192) \
-        num_threads(num_threads)
+    #pragma omp parallel for schedule(static) if (N * C > 8192) num_threads(num_threads)
     for (int n = 0; n < N; n++) {
         const float *c = head->cosine + (size_t)n * C;
         float *dc = head->dcosine + (size_t)n * C;   /* holds logits, then dloss/dc */
@@ -456,7 +457,7 @@ ada_status ada_head_forward(ada_head *head, float *loss, const float *emb,
         double sumexp = 0.0;
         for (int j = 0; j < C; j++) sumexp += exp((double)(dc[j] - maxlogit));
         double lse = maxlogit + log(sumexp);
-        total += lse - dc[y];
+        head->example_loss[n] = lse - dc[y];
         /* d loss / d logit_j = (softmax_j - [j = y]) / N; times s f'(c_j) */
         for (int j = 0; j < C; j++) {
             float p = (float)exp((double)dc[j] - lse);
@@ -467,6 +468,8 @@ ada_status ada_head_forward(ada_head *head, float *loss, const float *emb,
             dc[j] = dlogit * s * slope_j;
         }
     }
+    double total = 0.0;   /* in example order, whatever the thread count */
+    for (int n = 0; n < N; n++) total += head->example_loss[n];
     *loss = (float)(total / N);
     head->cached_n = N;
     head->has_forward = 1;

@@ -189,8 +189,8 @@ ada_status ada_net_reserve(ada_net *net, int N, int threads, ada_error *err)
         if (L->kind == ADA_LAYER_L2NORM) floats += round_up((size_t)N);
         if (L->kind == ADA_LAYER_MAXPOOL2D) bytes_u8 += round_up((size_t)N * L->out_size);
         if (L->kind == ADA_LAYER_CONV2D) {
-            size_t need = ada_conv2d_workspace_floats(L->in_c, L->in_h, L->in_w, L->out_c,
-                                                      L->k, L->pad, threads);
+            size_t need = ada_conv2d_workspace_floats(N, L->in_c, L->in_h, L->in_w,
+                                                      L->out_c, L->k, L->pad, threads);
             if (need > ws) ws = need;
         }
     }

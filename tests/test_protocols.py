@@ -139,7 +139,9 @@ def test_the_study_names_open_runs_apart_and_never_mixes_protocols(tmp_path):
     def record(rid, config, acc, protocol):
         rec = {"name": config.name, "head": config.head, "seed": 0, "dataset": "mnist",
                "preset": "fair", "test_accuracy": acc, "test_accuracy_plain": acc,
-               "wall_seconds": 1.0, "threads": 1, "subset": None, "config": config.to_dict(),
+               "wall_seconds": 1.0, "threads": 1, "subset": None,
+               # an open run's head has one class per seen class
+               "config": dict(config.to_dict(), **({"num_classes": 5} if protocol else {})),
                "adaloss_version": adaloss.__version__,
                "history": {"epochs": [1], "test_accuracy": [acc], "train_loss": [1.0]}}
         if protocol:
@@ -183,3 +185,34 @@ def test_metrics_every_epoch_are_recorded_without_changing_training(data):
     last = each["metrics_per_epoch"][-1]
     assert last["map_at_r"] == each["metrics"]["retrieval"]["map_at_r"]
     assert last["open_set_auroc_gallery"] == each["metrics"]["open_set"]["gallery"]["auroc"]
+
+
+def test_an_open_study_resumes_and_summarises_its_embedding_metrics(tmp_path, shared_data):
+    """A real open run records a head of 5 classes; resuming the study (or
+    summarising it with max_runs=0) used to refuse that record as made with
+    other settings (num_classes 5 there, 10 now). The summary holds, per cell,
+    the embedding metrics and their paired differences."""
+    kwargs = dict(datasets=["mnist"], presets=["fair"], seeds=2, epochs=1, subset=600,
+                  data_root=shared_data, workers=1, progress=False, out=tmp_path,
+                  heads=["softmax", "arcface"], protocol="open")
+    first = study.study(**kwargs)
+    again = study.study(max_runs=0, **kwargs)
+    assert first["runs"] == again["runs"] == 4
+    records = {r["name"] + str(r["seed"]): r for r in study._read_runs(tmp_path)}
+    assert {r["config"]["num_classes"] for r in records.values()} == {5}
+    cell = next(c for c in again["cells"] if c["head"] == "arcface-open")
+    ours = [records[f"mnist-fair-arcface-open{s}"] for s in (0, 1)]
+    np.testing.assert_allclose(cell["metrics"]["map_at_r"]["values"],
+                               [100 * r["metrics"]["retrieval"]["map_at_r"] for r in ours])
+    tar = [next(e["tar"] for e in r["metrics"]["verification"]["tar_at_far"]
+                if e["far"] == 1e-3) for r in ours]
+    assert cell["metrics"]["tar_at_far_1e-3"]["mean"] == pytest.approx(100 * np.mean(tar))
+    hist = ours[0]["theta_hist"]
+    trapped = sum(c for c, e in zip(hist["counts"], hist["edges"]) if e >= 140)
+    assert cell["metrics"]["trapped"]["values"][0] == pytest.approx(
+        100 * trapped / sum(hist["counts"]))
+    pair = next(p for p in again["metric_pairs"] if p["metric"] == "open_set_auroc")
+    a = next(c for c in again["cells"] if c["head"] == pair["a"])["metrics"]["open_set_auroc"]
+    b = next(c for c in again["cells"] if c["head"] == pair["b"])["metrics"]["open_set_auroc"]
+    np.testing.assert_allclose(pair["diffs"], np.subtract(a["values"], b["values"]))
+    assert "MAP@R" in again["table"] and "open-set AUROC" in again["table"]

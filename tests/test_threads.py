@@ -2,6 +2,7 @@
 a step runs, a step in a child forked after threads ran, and backward against
 a batch other than the last forward's. Crashes and hangs are caught in a
 subprocess with a timeout."""
+import hashlib
 import subprocess
 import tempfile
 import sys
@@ -183,3 +184,49 @@ def test_backward_after_an_empty_forward_or_none_is_rejected():
     assert net.forward(np.zeros((0, 1, 4, 4), np.float32)).shape == (0, 3)
     with pytest.raises(ValueError, match=r"^d_emb: expected 0 rows"):
         net.backward(np.ones((4, 3), np.float32))
+
+
+# --------------------------------------------------- thread-count independence
+
+def trained_digest(config, threads: int, batches=(64, 37)) -> str:
+    """SHA-256 of a preset network's weights, head weights and Adam state
+    after one step per batch size (64, and 37: a batch that no piece of work
+    divides) with `threads` C-core threads."""
+    from adaloss import presets
+    before = adaloss.get_num_threads()
+    adaloss.set_num_threads(threads)
+    try:
+        trainer = presets.build(config, seed=0)
+        rng = np.random.default_rng(7)
+        shape = presets.INPUT_SHAPES[config.dataset]
+        losses = []
+        for batch in batches:
+            x = rng.integers(0, 256, (batch, *shape), dtype=np.uint8)
+            y = rng.integers(0, 10, batch)
+            losses.append(trainer.step(x, y))
+    finally:
+        adaloss.set_num_threads(before)
+    digest = hashlib.sha256(np.asarray(losses, np.float64).tobytes())
+    for name, value in sorted(trainer.net.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(np.ascontiguousarray(value).tobytes())
+    digest.update(np.ascontiguousarray(trainer.head.weight).tobytes())
+    return digest.hexdigest()
+
+
+def preset_networks():
+    from adaloss import presets
+    configs = [c for d in presets.DATASETS for p in ("report", "fair") for c in presets.runs(d, p)]
+    quick = {"mnist-report-adaface", "cifar10-fair-arcface"}   # linear-heavy; 4 map sizes
+    return [pytest.param(c, id=c.name, marks=() if c.name in quick else pytest.mark.slow)
+            for c in configs]
+
+
+@pytest.mark.parametrize("config", preset_networks())
+def test_weights_do_not_depend_on_the_thread_count(config):
+    """The same losses and bit-identical weights after training steps on 1, 2
+    and 3 threads: the GEMMs are cut into the same calls, the convolutions into
+    the same groups and gradient chunks, whatever the thread count."""
+    digests = {threads: trained_digest(config, threads) for threads in (1, 2, 3)}
+    assert len(set(digests.values())) == 1, digests
+

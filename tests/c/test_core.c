@@ -91,7 +91,7 @@ static void test_conv(int k, int pad)
     size_t nx = (size_t)N * C * H * W, nw = (size_t)OC * C * k * k, nout = (size_t)N * OC * OH * OW;
     float *x = randn(nx), *w = randn(nw), *b = randn(OC), *r = randn(nout);
     float *out = malloc(nout * 4), *ref = malloc(nout * 4);
-    float *ws = malloc(ada_conv2d_workspace_floats(C, H, W, OC, k, pad, ada_get_num_threads()) * 4);
+    float *ws = malloc(ada_conv2d_workspace_floats(N, C, H, W, OC, k, pad, ada_get_num_threads()) * 4);
     ada_conv2d_forward(out, ws, x, w, b, N, C, H, W, OC, k, pad, 0, ada_get_num_threads());
     conv_ref(ref, x, w, b, N, C, H, W, OC, k, pad);
     CHECK(max_diff(out, ref, nout) < 1e-5f * max_abs(ref, nout) + 1e-6f, "conv forward k=%d pad=%d", k, pad);
