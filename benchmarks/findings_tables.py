@@ -47,6 +47,17 @@ and benchmarks/study/extra/:
    ``diff: KIND ARGS | KIND ARGS``: the first value minus the second, each
    written as above without the colon.
 
+3. The open-protocol study, benchmarks/study-open/ (unseen classes): the
+   tables ``open-cells`` (each cell's seen-class accuracy and embedding
+   metrics) and ``open-pairs`` (paired differences between heads of MAP@R,
+   TAR@FAR=1e-3, open-set AUROC and the trapped share), and annotations
+   whose kind carries ``@study-open``, e.g.
+   ``+1.23 <!-- mpair@study-open: mnist fair arcface-open softmax-open map_at_r mean_diff -->``.
+   ``mpair: DATASET PRESET A B METRIC FIELD`` is the paired difference of an
+   embedding metric (``summary.json["metric_pairs"]``, oriented as A − B);
+   the metrics of a cell are ``cell`` fields such as
+   ``metrics.map_at_r.mean``.
+
     python benchmarks/findings_tables.py            # check: exit 1 and list what differs
     python benchmarks/findings_tables.py --write    # rewrite the tables in place
 
@@ -67,6 +78,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 STUDY = ROOT / "benchmarks" / "study"
+STUDY_OPEN = ROOT / "benchmarks" / "study-open"
 
 
 def doc_files() -> list:
@@ -82,7 +94,8 @@ DATA_NAME = {"mnist": "MNIST", "cifar10": "CIFAR-10"}
 
 TABLE_RE = re.compile(r"(<!-- table:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /table -->)", re.S)
 NUMBER = r"(?P<number>[+\-−]?\d+(?:\.\d+)?)"
-NOTE_RE = re.compile(r"<!-- (?P<kind>cell|pair|study|run|diff): (?P<args>[^>]*?) -->")
+NOTE_RE = re.compile(r"<!-- (?P<kind>cell|pair|mpair|study|run|diff)(?:@(?P<src>[\w-]+))?: "
+                     r"(?P<args>[^>]*?) -->")
 ANNOTATED_RE = re.compile(NUMBER + r"\s*" + NOTE_RE.pattern)
 
 
@@ -105,10 +118,13 @@ def _cell(summary: dict, dataset: str, preset: str, head: str) -> dict:
     raise FindingsError(f"no cell {dataset} {preset} {head} in summary.json")
 
 
-def oriented_pair(summary: dict, dataset: str, preset: str, a: str, b: str) -> dict:
-    """The summary's pair of heads a and b, as a − b."""
-    for p in summary["pairs"]:
-        if (p["dataset"], p["preset"]) != (dataset, preset):
+def oriented_pair(summary: dict, dataset: str, preset: str, a: str, b: str,
+                  metric: str | None = None) -> dict:
+    """The summary's pair of heads a and b, as a − b: of the accuracies, or
+    of the embedding metric `metric` (``metric_pairs``)."""
+    pairs = summary["pairs"] if metric is None else summary.get("metric_pairs", [])
+    for p in pairs:
+        if (p["dataset"], p["preset"]) != (dataset, preset) or p.get("metric") != metric:
             continue
         if (p["a"], p["b"]) == (a, b):
             return p
@@ -117,7 +133,8 @@ def oriented_pair(summary: dict, dataset: str, preset: str, a: str, b: str) -> d
             return dict(p, a=a, b=b, mean_diff=-p["mean_diff"],
                         diffs=[-x for x in p["diffs"]],
                         ci95=None if ci is None or None in ci else [-ci[1], -ci[0]])
-    raise FindingsError(f"no {a} − {b} pair for {dataset} {preset} in summary.json")
+    raise FindingsError(f"no {a} − {b} pair{'' if metric is None else ' of ' + metric} for "
+                        f"{dataset} {preset} in summary.json")
 
 
 def _peak(r: dict) -> tuple[float, int]:
@@ -171,7 +188,7 @@ def _path(value, dotted: str, what: str):
     return value
 
 
-KINDS = ("cell", "pair", "study", "run")
+KINDS = ("cell", "pair", "mpair", "study", "run")
 
 
 def lookup(study: dict, kind: str, args: str) -> float:
@@ -185,7 +202,7 @@ def lookup(study: dict, kind: str, args: str) -> float:
         return lookup(study, *parts[0]) - lookup(study, *parts[1])
     if kind not in KINDS:
         raise FindingsError(f"unknown annotation kind {kind!r}")
-    shapes = {"cell": 4, "pair": 5, "study": 1, "run": 2}
+    shapes = {"cell": 4, "pair": 5, "mpair": 6, "study": 1, "run": 2}
     if len(words) != shapes[kind]:
         raise FindingsError(f"'{kind}: {args}': expected {shapes[kind]} words after '{kind}:'")
     if kind == "cell":
@@ -193,6 +210,9 @@ def lookup(study: dict, kind: str, args: str) -> float:
     elif kind == "pair":
         value = _path(oriented_pair(summary, *words[:4]), words[4],
                       f"pair {' '.join(words[:4])}")
+    elif kind == "mpair":
+        value = _path(oriented_pair(summary, *words[:4], metric=words[4]), words[5],
+                      f"mpair {' '.join(words[:5])}")
     elif kind == "study":
         value = _path(summary, words[0], "summary.json")
     else:
@@ -263,19 +283,80 @@ def table_headline(summary: dict) -> str:
     return "\n".join(rows)
 
 
+OPEN_METRICS = ("map_at_r", "precision_at_1", "tar_at_far_1e-3", "open_set_auroc", "trapped")
+OPEN_LABELS = {"map_at_r": "MAP@R", "precision_at_1": "P@1", "tar_at_far_1e-3": "TAR@FAR=1e-3",
+               "open_set_auroc": "open-set AUROC", "trapped": "trapped (θ_y ≥ 140°)"}
+OPEN_PAIRED = ("map_at_r", "tar_at_far_1e-3", "open_set_auroc", "trapped")
+
+
+def _open_head(head: str) -> str:
+    return HEAD_NAME.get(head.removesuffix("-open"), head)
+
+
+def _mean_sd(m: dict) -> str:
+    return f"{m['mean']:.2f}" + (f" ± {m['std']:.2f}" if m["n"] > 1 else "")
+
+
+def table_open_cells(summary: dict) -> str:
+    """Every cell of the open-protocol study: seen-class accuracy and the
+    embedding metrics on the unseen classes, in %."""
+    rows = ["| data set | head | seeds | seen-class accuracy % | "
+            + " | ".join(f"{OPEN_LABELS[n]} %" for n in OPEN_METRICS) + " |",
+            "|---|---|---|---|" + "---|" * len(OPEN_METRICS)]
+    order = {h: i for i, h in enumerate(HEADS)}
+    cells = sorted(summary["cells"], key=lambda c: (list(DATA_NAME).index(c["dataset"]),
+                                                    order.get(c["head"].removesuffix("-open"), 9)))
+    for c in cells:
+        metrics = c.get("metrics", {})
+        cols = [_mean_sd(metrics[n]) if n in metrics else "–" for n in OPEN_METRICS]
+        rows.append(f"| {DATA_NAME[c['dataset']]} | {_open_head(c['head'])} | {c['n']} | "
+                    f"{_mean_sd(c)} | " + " | ".join(cols) + " |")
+    return "\n".join(rows)
+
+
+def table_open_pairs(summary: dict) -> str:
+    """The paired differences between heads of the open-protocol study."""
+    rows = ["| data set | A − B | metric | pairs | mean difference (points) | 95 % CI | "
+            "Wilcoxon p |", "|---|---|---|---|---|---|---|"]
+    pairs = [p for p in summary.get("metric_pairs", []) if p["metric"] in OPEN_PAIRED]
+    pairs.sort(key=lambda p: (list(DATA_NAME).index(p["dataset"]), OPEN_PAIRED.index(p["metric"]),
+                              p["a"], p["b"]))
+    for p in pairs:
+        pval = "–" if p["wilcoxon_p"] is None else f"{p['wilcoxon_p']:.3f}"
+        rows.append(f"| {DATA_NAME[p['dataset']]} | {_open_head(p['a'])} − {_open_head(p['b'])} "
+                    f"| {OPEN_LABELS[p['metric']]} | {p['n']} | {p['mean_diff']:+.2f} | "
+                    f"{_ci(p['ci95'], signed=True)} | {pval} |")
+    return "\n".join(rows)
+
+
 def table(summary: dict, name: str) -> str:
-    """The markdown table NAME (no trailing newline)."""
+    """The markdown table NAME (no trailing newline); the open-* tables take
+    the open-protocol study's summary."""
     kind, _, dataset = name.partition("-")
     if name == "headline":
         return table_headline(summary)
+    if name == "open-cells":
+        return table_open_cells(summary)
+    if name == "open-pairs":
+        return table_open_pairs(summary)
     if kind in ("cells", "pairs") and dataset in DATA_NAME:
         return (table_cells if kind == "cells" else table_pairs)(summary, dataset)
-    raise FindingsError(f"unknown table {name!r} (cells-DATASET, pairs-DATASET, headline)")
+    raise FindingsError(f"unknown table {name!r} (cells-DATASET, pairs-DATASET, headline, "
+                        "open-cells, open-pairs)")
 
 
-def fill_tables(text: str, summary: dict) -> str:
-    """text with every marked table replaced by the one summary.json gives."""
-    return TABLE_RE.sub(lambda m: m[1] + table(summary, m["name"]) + "\n" + m[4], text)
+def fill_tables(text: str, summary: dict, open_summary=None) -> str:
+    """text with every marked table replaced by the one summary.json gives
+    (the open-* tables: `open_summary`, a summary or a function returning
+    one)."""
+    def one(m):
+        source = summary
+        if m["name"].startswith("open-"):
+            if open_summary is None:
+                raise FindingsError(f"table {m['name']}: no open-protocol study given")
+            source = open_summary() if callable(open_summary) else open_summary
+        return m[1] + table(source, m["name"]) + "\n" + m[4]
+    return TABLE_RE.sub(one, text)
 
 
 # ---- annotated numbers -------------------------------------------------------
@@ -285,17 +366,28 @@ def _as_written(value: float, written: str) -> str:
     return f"{value:.{decimals}f}"
 
 
-def check_numbers(text: str, study: dict, where: str = "") -> list:
+def check_numbers(text: str, study: dict, where: str = "", others=None) -> list:
     """Messages for annotated numbers that differ from the study (empty: all
-    hold), and for annotations with no number right before them."""
+    hold), and for annotations with no number right before them. `others`:
+    {name: study dict or a function returning one} for annotations whose kind
+    names another study (``cell@study-open``)."""
     problems = []
     found = set()
+    others = dict(others or {})
     for m in ANNOTATED_RE.finditer(text):
         found.add(m.start("kind"))
         line = text.count("\n", 0, m.start()) + 1
         written = m["number"].replace("−", "-").lstrip("+")
         try:
-            value = lookup(study, m["kind"], m["args"])
+            source = study
+            if m["src"]:
+                if m["src"] not in others:
+                    raise FindingsError(f"unknown study {m['src']!r} (expected one of "
+                                        f"{sorted(others)})")
+                if callable(others[m["src"]]):
+                    others[m["src"]] = others[m["src"]]()
+                source = others[m["src"]]
+            value = lookup(source, m["kind"], m["args"])
         except FindingsError as exc:
             problems.append(f"{where}:{line}: {exc}")
             continue
@@ -335,15 +427,29 @@ def _shown(path: Path) -> Path:
         return path
 
 
-def check(files=None, study_dir: Path = STUDY) -> list:
+def _lazy_study(study_dir: Path):
+    """A function loading the study once, at its first call."""
+    cache = {}
+
+    def get():
+        if "study" not in cache:
+            if not (Path(study_dir) / "summary.json").exists():
+                raise FindingsError(f"{_shown(Path(study_dir))}/summary.json does not exist")
+            cache["study"] = load_study(study_dir)
+        return cache["study"]
+    return get
+
+
+def check(files=None, study_dir: Path = STUDY, open_dir: Path = STUDY_OPEN) -> list:
     """Everything that differs: stale tables and annotated numbers that do not hold."""
     study = load_study(study_dir)
+    open_study = _lazy_study(open_dir)
     problems = []
     for path in doc_files() if files is None else files:
         text = Path(path).read_text(encoding="utf-8")
         path = _shown(Path(path))
         try:
-            filled = fill_tables(text, study["summary"])
+            filled = fill_tables(text, study["summary"], lambda: open_study()["summary"])
         except FindingsError as exc:
             problems.append(f"{path}: {exc}")
             continue
@@ -351,7 +457,7 @@ def check(files=None, study_dir: Path = STUDY) -> list:
             if m_old["body"] != m_new["body"]:
                 line = text.count("\n", 0, m_old.start()) + 1
                 problems.append(f"{path}:{line}: table {m_old['name']} differs from summary.json")
-        problems += check_numbers(text, study, str(path))
+        problems += check_numbers(text, study, str(path), {"study-open": open_study})
     return problems
 
 
@@ -361,16 +467,19 @@ def main(argv=None) -> int:
     mode.add_argument("--write", action="store_true", help="rewrite the tables in place")
     mode.add_argument("--check", action="store_true", help="exit 1 if anything differs (default)")
     parser.add_argument("--study", type=Path, default=STUDY, help="study folder (summary.json)")
+    parser.add_argument("--open-study", type=Path, default=STUDY_OPEN,
+                        help="the open-protocol study folder (summary.json)")
     args = parser.parse_args(argv)
     if args.write:
         summary = load_study(args.study)["summary"]
+        open_study = _lazy_study(args.open_study)
         for path in doc_files():
             text = path.read_text(encoding="utf-8")
-            new = fill_tables(text, summary)
+            new = fill_tables(text, summary, lambda: open_study()["summary"])
             if new != text:
                 _write_atomic(path, new)
                 print(f"rewrote the tables of {path.relative_to(ROOT)}")
-    problems = check(study_dir=args.study)
+    problems = check(study_dir=args.study, open_dir=args.open_study)
     for p in problems:
         print(p, file=sys.stderr)
     return 1 if problems else 0
