@@ -165,3 +165,55 @@ def test_write_is_atomic_and_leaves_no_temporary_file(ft, tmp_path):
     assert path.read_text() == "new"
     assert [p.name for p in tmp_path.iterdir()] == ["doc.md"]
 
+
+
+def _open_summary() -> dict:
+    """A small open-protocol summary: two heads, two seeds."""
+    def cell(head, base):
+        metrics = {name: {"n": 2, "mean": base + k, "std": 0.5, "ci95": [base + k - 3, base + k + 3],
+                          "values": [base + k - 0.25, base + k + 0.25]}
+                   for k, name in enumerate(("map_at_r", "precision_at_1", "tar_at_far_1e-3",
+                                             "roc_auc", "open_set_auroc", "trapped"))}
+        return {"dataset": "mnist", "preset": "fair", "head": head, "n": 2, "seeds": [0, 1],
+                "mean": 99.0, "std": 0.1, "ci95": [98.1, 99.9], "accuracies": [98.9, 99.1],
+                "metrics": metrics}
+    pair = {"dataset": "mnist", "preset": "fair", "a": "arcface-open", "b": "softmax-open",
+            "metric": "map_at_r", "n": 2, "mean_diff": 4.25, "ci95": [-2.0, 10.5],
+            "wilcoxon_p": 0.5, "seeds": [0, 1], "diffs": [4.0, 4.5]}
+    return {"cells": [cell("softmax-open", 30.0), cell("arcface-open", 34.25)], "pairs": [],
+            "metric_pairs": [pair], "runs": 4}
+
+
+def test_the_open_studys_tables_and_numbers_are_checked(ft, tmp_path):
+    summary = _open_summary()
+    study = tmp_path / "study-open"
+    study.mkdir()
+    (study / "summary.json").write_text(json.dumps(summary))
+    doc = tmp_path / "open.md"
+    text = ("<!-- table:open-cells -->\n<!-- /table -->\n<!-- table:open-pairs -->\n"
+            "<!-- /table -->\nArcFace − softmax: "
+            "+4.25<!-- mpair@study-open: mnist fair arcface-open softmax-open map_at_r mean_diff -->"
+            ", softmax − ArcFace −4.25<!-- mpair@study-open: mnist fair softmax-open "
+            "arcface-open map_at_r mean_diff -->, MAP@R "
+            "34.2<!-- cell@study-open: mnist fair arcface-open metrics.map_at_r.mean -->.\n")
+    doc.write_text(ft.fill_tables(text, {}, summary))
+    assert "| MNIST | ArcFace | 2 | 99.00 ± 0.10 | 34.25 ± 0.50 |" in doc.read_text()
+    assert "| MNIST | ArcFace − softmax | MAP@R | 2 | +4.25 | [-2.00, +10.50] | 0.500 |" \
+        in doc.read_text()
+    assert ft.check(files=[doc], open_dir=study) == []
+    # a changed summary is caught: the tables and each annotated number
+    summary["metric_pairs"][0]["mean_diff"] = 4.3
+    summary["cells"][1]["metrics"]["map_at_r"]["mean"] = 34.36
+    (study / "summary.json").write_text(json.dumps(summary))
+    problems = ft.check(files=[doc], open_dir=study)
+    assert any("table open-cells differs" in p for p in problems), problems
+    assert any("table open-pairs differs" in p for p in problems), problems
+    assert any("+4.25 written, the study says 4.30" in p for p in problems), problems
+    assert any("−4.25 written, the study says -4.30" in p for p in problems), problems
+    assert any("34.2 written, the study says 34.4" in p for p in problems), problems
+    # an annotation naming an unknown study or metric is an error, not a pass
+    doc.write_text(text.replace("@study-open: mnist fair arcface-open softmax-open map_at_r",
+                                "@study-shut: mnist fair arcface-open softmax-open map_at_r")
+                   .replace("<!-- table:open-cells -->\n<!-- /table -->\n", ""))
+    problems = ft.check(files=[doc], open_dir=study)
+    assert any("unknown study 'study-shut'" in p for p in problems), problems
