@@ -124,11 +124,18 @@ RECORD_SETTINGS = ("seed", "subset", "threads", "adaloss_version")
 LEGACY_DEFAULTS: dict = {}
 
 
+def _trained_config(config, seed: int) -> dict:
+    """The configuration a run of `config` records: an open run's head has one
+    class per seen class (runs.run_one)."""
+    fields = config.to_dict()
+    if config.protocol == "open":
+        fields["num_classes"] = len(runs.split_classes(config.num_classes, seed)[0])
+    return fields
+
+
 def record_settings(config, seed: int, subset, threads: int) -> dict:
     """{setting: value} that a run's record must hold to be reused for it."""
-    settings = {f"config.{k}": v for k, v in config.to_dict().items()}
-    if config.protocol == "open":   # the run's head has one class per seen class
-        settings["config.num_classes"] = len(runs.split_classes(config.num_classes, seed)[0])
+    settings = {f"config.{k}": v for k, v in _trained_config(config, seed).items()}
     settings.update(seed=seed, subset=subset, threads=threads, adaloss_version=__version__)
     assert set(settings) >= set(RECORD_SETTINGS), "record_settings misses a RECORD_SETTINGS key"
     return settings
@@ -428,7 +435,7 @@ def _twin(record: dict, config) -> dict:
     """The record of an identical run, filed under another cell."""
     twin = dict(record, name=config.name, preset=config.preset,
                 same_run_as=record.get("same_run_as") or f"{record['name']}-seed{record['seed']}")
-    twin["config"] = config.to_dict()
+    twin["config"] = _trained_config(config, record["seed"])
     return twin
 
 
@@ -767,16 +774,22 @@ def _embedding_metric(record: dict, name: str) -> float | None:
     """One of EMBEDDING_METRICS of a run record, in %; None where the record
     does not have it."""
     if name == "trapped":
-        hist = record.get("theta_hist") or {}
+        hist = record.get("theta_hist")
+        if not isinstance(hist, dict):
+            return None
         counts, edges = hist.get("counts"), hist.get("edges")
-        if not counts or not edges or sum(counts) == 0:
+        if not isinstance(counts, list) or not isinstance(edges, list) \
+                or len(edges) != len(counts) + 1 \
+                or not all(_number(v, 0) for v in counts) or not all(_number(v) for v in edges) \
+                or sum(counts) == 0:
             return None
         inside = sum(c for c, e in zip(counts, edges) if e >= TRAPPED_DEG)
         return 100.0 * inside / sum(counts)
     value = record.get("metrics")
     for key in EMBEDDING_METRICS[name][1]:
-        if isinstance(key, float):
-            value = next((e.get("tar") for e in value if e.get("far") == key), None) \
+        if isinstance(key, float):   # the entry of a {"far", "tar"} list at that rate
+            value = next((e.get("tar") for e in value
+                          if isinstance(e, dict) and e.get("far") == key), None) \
                 if isinstance(value, list) else None
         else:
             value = value.get(key) if isinstance(value, dict) else None

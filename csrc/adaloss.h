@@ -338,7 +338,8 @@ void ada_net_zero_grad(ada_net *net);
 ada_status ada_net_forward(ada_net *net, const float **output, const float *x_float,
                            const uint8_t *x_u8, int N, int num_threads, ada_error *err);
 /* backward of the last forward: dout (N, out_size) finite with N that
- * forward's batch, else ADA_EINVAL; dinp may be NULL. */
+ * forward's batch, else ADA_EINVAL; dinp may be NULL. Runs on at most the
+ * threads the forward planned its workspace for (same results). */
 ada_status ada_net_backward(ada_net *net, float *dinp, const float *dout, int N,
                             int num_threads, ada_error *err);
 

@@ -109,11 +109,13 @@ ada_status ada_head_reserve(ada_head *head, int N, ada_error *err)
     size_t D = head->embedding_dim, C = head->num_classes;
     /* example_loss (N doubles) first, for its alignment, then emb_unit (N D),
      * cosine and dcosine (N C each), emb_norm, quality, angle (N) */
-    double *losses = malloc(sizeof(double) * N + sizeof(float) * ((size_t)N * (D + 2 * C + 3)));
+    size_t doubles = ((size_t)N + 1) / 2 * 2;   /* an even count keeps the floats 16-byte aligned */
+    double *losses = malloc(sizeof(double) * doubles
+                            + sizeof(float) * ((size_t)N * (D + 2 * C + 3)));
     if (!losses)
         return ada_fail(err, ADA_ENOMEM, "out of memory for the head's caches for a batch of %d",
                         N);
-    float *block = (float *)(losses + N);
+    float *block = (float *)(losses + doubles);
     free(head->example_loss);
     head->example_loss = losses;
     head->emb_unit = block;

@@ -352,6 +352,10 @@ ada_status ada_net_backward(ada_net *net, float *dinp, const float *dout, int N,
         return ada_fail(err, ADA_EINVAL, "d_emb: expected %d rows (the batch of the last "
                         "forward), got %d", net->batch, N);
     if (N == 0) return ADA_OK;
+    /* the workspace was planned, at the forward, for threads_planned threads;
+     * the count may have been raised since (set_num_threads between forward
+     * and backward). Fewer threads give the same results, so use those. */
+    if (threads > net->threads_planned) threads = net->threads_planned;
     if (!ada_all_finite(dout, (size_t)N * net->out_size, threads))
         return ada_fail(err, ADA_EINVAL, "d_emb contains NaN or inf");
     ada_layer *last = &net->layers[net->num_layers - 1];

@@ -216,3 +216,44 @@ def test_an_open_study_resumes_and_summarises_its_embedding_metrics(tmp_path, sh
     b = next(c for c in again["cells"] if c["head"] == pair["b"])["metrics"]["open_set_auroc"]
     np.testing.assert_allclose(pair["diffs"], np.subtract(a["values"], b["values"]))
     assert "MAP@R" in again["table"] and "open-set AUROC" in again["table"]
+
+
+def test_an_open_study_with_twin_cells_resumes(tmp_path, shared_data):
+    """The paper and fair AdaFace cells make the same run; the copy filed
+    under the second cell must record the head the run trained (5 classes),
+    or resuming refuses it as made with other settings."""
+    kwargs = dict(datasets=["mnist"], presets=["paper", "fair"], seeds=1, epochs=1, subset=300,
+                  data_root=shared_data, workers=1, progress=False, out=tmp_path,
+                  heads=["adaface"], protocol="open")
+    assert study.study(**kwargs)["runs"] == 2
+    records = study._read_runs(tmp_path)
+    assert sum("same_run_as" in r for r in records) == 1
+    assert {r["config"]["num_classes"] for r in records} == {5}
+    assert study.study(max_runs=0, **kwargs)["runs"] == 2
+
+
+@pytest.mark.parametrize("broken", [
+    {"theta_hist": "wide"}, {"theta_hist": {"counts": [1, None], "edges": [0, 90, 180]}},
+    {"theta_hist": {"counts": [1, 2], "edges": [0, 180]}},
+    {"metrics": {"verification": {"tar_at_far": [0.5, None]}}},
+    {"metrics": {"retrieval": {"map_at_r": "high"}}}, {"metrics": []},
+])
+def test_the_summary_leaves_out_a_metric_a_record_holds_badly(tmp_path, broken):
+    """A record whose metrics or angle histogram are malformed summarises
+    without that metric (the cell's others stay) instead of raising."""
+    config = presets.runs("mnist", "fair")[0]
+    good = {"name": config.name, "head": config.head, "dataset": "mnist", "preset": "fair",
+            "test_accuracy": 0.9, "test_accuracy_plain": 0.9, "wall_seconds": 1.0,
+            "threads": 1, "config": config.to_dict(),
+            "theta_hist": {"counts": [3, 1], "edges": [0.0, 140.0, 180.0]},
+            "metrics": {"retrieval": {"map_at_r": 0.5},
+                        "verification": {"tar_at_far": [{"far": 0.001, "tar": 0.25}]}}}
+    records = [dict(good, seed=0), dict(good, seed=1, **broken)]
+    summary = study.summarize(tmp_path, records=records)
+    metrics = summary["cells"][0]["metrics"]
+    broken_keys = {"theta_hist": "trapped", "metrics": None}
+    gone = broken_keys[next(iter(broken))]
+    if gone:
+        assert gone not in metrics and "map_at_r" in metrics
+    else:
+        assert "trapped" in metrics and metrics["trapped"]["values"] == [25.0, 25.0]

@@ -230,3 +230,29 @@ def test_weights_do_not_depend_on_the_thread_count(config):
     digests = {threads: trained_digest(config, threads) for threads in (1, 2, 3)}
     assert len(set(digests.values())) == 1, digests
 
+
+
+@pytest.mark.parametrize("batch", [1, 20])
+def test_backward_on_more_threads_than_the_forward_planned(batch):
+    """The workspace is planned at the forward for its thread count; a count
+    raised before backward used to run past it (a crash at batch 1, wrong
+    gradients at 20). Backward now keeps to the planned count: the gradients
+    equal those of a forward and backward on one thread."""
+    def grads(forward_threads, backward_threads):
+        before = adaloss.get_num_threads()
+        try:
+            adaloss.manual_seed(4)
+            net = adaloss.Sequential([adaloss.Conv2d(3, 8, 3, padding=1), adaloss.ReLU(),
+                                      adaloss.Conv2d(8, 8, 3, padding=1), adaloss.ReLU()],
+                                     input_shape=(3, 8, 8))
+            x = np.random.default_rng(5).normal(size=(batch, 3, 8, 8)).astype(np.float32)
+            adaloss.set_num_threads(forward_threads)
+            out = net.forward(x)
+            adaloss.set_num_threads(backward_threads)
+            dx = net.backward(np.random.default_rng(6).normal(size=out.shape).astype(np.float32))
+        finally:
+            adaloss.set_num_threads(before)
+        return [dx] + [p.grad.copy() for p in net.parameters()]
+
+    for got, want in zip(grads(1, 4), grads(1, 1)):
+        np.testing.assert_array_equal(got, want)
