@@ -187,6 +187,7 @@ def test_metrics_every_epoch_are_recorded_without_changing_training(data):
     assert last["open_set_auroc_gallery"] == each["metrics"]["open_set"]["gallery"]["auroc"]
 
 
+@pytest.mark.slow
 def test_an_open_study_resumes_and_summarises_its_embedding_metrics(tmp_path, shared_data):
     """A real open run records a head of 5 classes; resuming the study (or
     summarising it with max_runs=0) used to refuse that record as made with
