@@ -8,7 +8,7 @@
  *   libdir=$(python -c 'import scipy_openblas32 as s; print(s.get_lib_dir())')
  *   lib=$(python -c 'import scipy_openblas32 as s; print(s.get_library())')
  *   gcc -O3 -std=c11 -fopenmp -Icsrc -DADA_BLAS_PREFIX_SCIPY=1 benchmarks/winograd_probe.c \
- *       $(ls csrc/*.c | grep -v _core.c) -L$libdir -l$lib -Wl,-rpath,$libdir -lm -o /tmp/probe
+ *       csrc/[a-z]*.c -L$libdir -l$lib -Wl,-rpath,$libdir -lm -o /tmp/probe
  *   /tmp/probe N C H OC [IMAGES_PER_GEMM]     # e.g. /tmp/probe 64 128 8 256 16
  *
  * Not part of the library: H must be even, pad is 1, no ReLU, no backward. */
