@@ -454,7 +454,34 @@ def _write(path: Path, record: dict) -> None:
     atomic_write(path, json.dumps(_json_safe(record), indent=1, allow_nan=False).encode())
 
 
-FIGURES = ("accuracy.png", "pairs.png", "curves.png")
+FIGURES = ("accuracy.png", "pairs.png", "curves.png")   # and roc-*.png, scores-*.png
+
+
+def _curves_ok(curves) -> bool:
+    """A record's metrics.curves as the figures read them (a malformed one is
+    left out of the figures, not an error)."""
+    if not isinstance(curves, dict) or not isinstance(curves.get("roc"), dict):
+        return False
+    lists = [curves.get(k) for k in ("cos_edges", "genuine_counts", "impostor_counts")] + \
+        [curves["roc"].get(k) for k in ("far", "tar")]
+    return all(isinstance(v, list) and v and all(_number(x) for x in v) for v in lists) \
+        and len(curves["cos_edges"]) == len(curves["genuine_counts"]) + 1 \
+        == len(curves["impostor_counts"]) + 1 and len(curves["roc"]["far"]) == \
+        len(curves["roc"]["tar"]) and min(curves["roc"]["far"]) > 0
+
+
+def _verification_runs(records: list) -> dict:
+    """{(dataset, preset): the lowest-seed run of each head that holds
+    verification curves}, for the ROC and score figures of a study."""
+    out: dict = {}
+    for r in sorted(records or [], key=lambda r: r.get("seed", 0)):
+        curves = (r.get("metrics") or {}).get("curves") if isinstance(r.get("metrics"), dict) \
+            else None
+        if not _curves_ok(curves):
+            continue
+        cell = out.setdefault((r["dataset"], r["preset"]), {})
+        cell.setdefault(_cell_head(r), r)
+    return {key: list(cell.values()) for key, cell in sorted(out.items())}
 
 
 def write_summary(out, summary: dict, records: list | None = None) -> None:
@@ -484,6 +511,13 @@ def write_summary(out, summary: dict, records: list | None = None) -> None:
         figures["pairs.png"] = lambda: plots.study_pairs(summary)
     if records:
         figures["curves.png"] = lambda: plots.study_curves(records)
+    for (dataset, preset), runs_ in _verification_runs(records).items():
+        figures[f"roc-{dataset}-{preset}.png"] = \
+            lambda runs_=runs_: plots.roc_curves(
+                runs_, f"{dataset}, {preset}, first seed: verification ROC")
+        figures[f"scores-{dataset}-{preset}.png"] = \
+            lambda runs_=runs_: plots.score_histograms(
+                runs_, f"{dataset}, {preset}, first seed: genuine and impostor cosines")
     staged = []
     try:
         for name, data in contents.items():
@@ -502,7 +536,10 @@ def write_summary(out, summary: dict, records: list | None = None) -> None:
         raise
     for tmp, dest in staged:
         os.replace(tmp, dest)
-    for name in FIGURES:
+    stale = [out / name for name in FIGURES] + sorted(out.glob("roc-*.png")) \
+        + sorted(out.glob("scores-*.png"))
+    for path in stale:
+        name = path.name
         if name not in figures and (out / name).exists():
             (out / name).unlink()
             print(f"study: removed {out / name}, which the summary no longer has data for",

@@ -231,6 +231,9 @@ def test_an_open_study_with_twin_cells_resumes(tmp_path, shared_data):
     assert sum("same_run_as" in r for r in records) == 1
     assert {r["config"]["num_classes"] for r in records} == {5}
     assert study.study(max_runs=0, **kwargs)["runs"] == 2
+    # the verification figures of each data set and preset, beside the others
+    for name in ("roc-mnist-paper.png", "roc-mnist-fair.png", "scores-mnist-fair.png"):
+        assert (tmp_path / name).stat().st_size > 10_000, name
 
 
 @pytest.mark.parametrize("broken", [
@@ -258,3 +261,18 @@ def test_the_summary_leaves_out_a_metric_a_record_holds_badly(tmp_path, broken):
         assert gone not in metrics and "map_at_r" in metrics
     else:
         assert "trapped" in metrics and metrics["trapped"]["values"] == [25.0, 25.0]
+
+
+def test_malformed_verification_curves_are_left_out_of_the_study_figures():
+    config = presets.runs("mnist", "fair")[0]
+    curves = {"cos_edges": [-1.0, 0.0, 1.0], "genuine_counts": [1, 3], "impostor_counts": [3, 1],
+              "roc": {"far": [0.25, 1.0], "tar": [0.75, 1.0]}}
+    good = {"name": config.name, "head": config.head, "dataset": "mnist", "preset": "fair",
+            "seed": 0, "metrics": {"curves": curves}}
+    bad = [dict(good, seed=s, head=h, name=f"mnist-fair-{h}", metrics=m) for s, (h, m) in
+           enumerate([("cosface", {"curves": dict(curves, roc=None)}),
+                      ("arcface", {"curves": dict(curves, genuine_counts=[1])}),
+                      ("adaface", {"curves": dict(curves, cos_edges=[0.0, "x", 1.0])}),
+                      ("arcface", "nothing")])]
+    runs_ = study._verification_runs([good] + bad)
+    assert list(runs_) == [("mnist", "fair")] and runs_["mnist", "fair"] == [good]
