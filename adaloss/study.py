@@ -17,6 +17,7 @@ signed-rank p-value.
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import math
@@ -512,12 +513,12 @@ def write_summary(out, summary: dict, records: list | None = None) -> None:
     if records:
         figures["curves.png"] = lambda: plots.study_curves(records)
     for (dataset, preset), runs_ in _verification_runs(records).items():
-        figures[f"roc-{dataset}-{preset}.png"] = \
-            lambda runs_=runs_: plots.roc_curves(
-                runs_, f"{dataset}, {preset}, first seed: verification ROC")
-        figures[f"scores-{dataset}-{preset}.png"] = \
-            lambda runs_=runs_: plots.score_histograms(
-                runs_, f"{dataset}, {preset}, first seed: genuine and impostor cosines")
+        # partial binds this data set's runs and title now, not at the call
+        figures[f"roc-{dataset}-{preset}.png"] = functools.partial(
+            plots.roc_curves, runs_, f"{dataset}, {preset}, first seed: verification ROC")
+        figures[f"scores-{dataset}-{preset}.png"] = functools.partial(
+            plots.score_histograms, runs_,
+            f"{dataset}, {preset}, first seed: genuine and impostor cosines")
     staged = []
     try:
         for name, data in contents.items():

@@ -276,3 +276,36 @@ def test_malformed_verification_curves_are_left_out_of_the_study_figures():
                       ("arcface", "nothing")])]
     runs_ = study._verification_runs([good] + bad)
     assert list(runs_) == [("mnist", "fair")] and runs_["mnist", "fair"] == [good]
+
+
+def test_each_data_sets_verification_figures_show_its_own_runs(tmp_path, monkeypatch):
+    """The ROC and score figures of a study with two data sets: each file is
+    drawn from its own data set's runs and titled with it (the titles once
+    all named the last data set)."""
+    from matplotlib.figure import Figure
+
+    drawn = {}
+
+    def fake(kind):
+        def draw(records, title):
+            drawn[(kind, title.split(",")[0])] = {r["dataset"] for r in records}
+            return Figure()
+        return draw
+
+    from adaloss import plots as plots_module
+    monkeypatch.setattr(plots_module, "roc_curves", fake("roc"))
+    monkeypatch.setattr(plots_module, "score_histograms", fake("scores"))
+    curves = {"cos_edges": [-1.0, 0.0, 1.0], "genuine_counts": [1, 3], "impostor_counts": [3, 1],
+              "roc": {"far": [0.25, 1.0], "tar": [0.75, 1.0]}}
+    records = []
+    for dataset in ("mnist", "cifar10"):
+        config = presets.runs(dataset, "fair")[0]
+        records.append({"name": config.name, "head": config.head, "dataset": dataset,
+                        "preset": "fair", "seed": 0, "config": config.to_dict(),
+                        "test_accuracy": 0.5, "test_accuracy_plain": 0.5, "wall_seconds": 1.0,
+                        "history": {"epochs": [1], "test_accuracy": [0.5], "train_loss": [1.0]},
+                        "metrics": {"curves": curves}})
+    summary = study.summarize(tmp_path, records=records)
+    study.write_summary(tmp_path, summary, records)
+    assert drawn == {(k, d): {d} for k in ("roc", "scores") for d in ("mnist", "cifar10")}
+    assert (tmp_path / "roc-cifar10-fair.png").exists()
