@@ -112,6 +112,7 @@ def test_study_curves_draw_every_run_per_epoch():
         plots.study_curves([])
 
 
+@pytest.mark.slow
 def test_cli_reproduce_end_to_end(tmp_path, shared_data):
     out = tmp_path / "res"
     cmd = [sys.executable, "-m", "adaloss", "reproduce", "--dataset", "mnist", "--preset",

@@ -219,6 +219,7 @@ def test_an_open_study_resumes_and_summarises_its_embedding_metrics(tmp_path, sh
     assert "MAP@R" in again["table"] and "open-set AUROC" in again["table"]
 
 
+@pytest.mark.slow
 def test_an_open_study_with_twin_cells_resumes(tmp_path, shared_data):
     """The paper and fair AdaFace cells make the same run; the copy filed
     under the second cell must record the head the run trained (5 classes),

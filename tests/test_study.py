@@ -98,6 +98,7 @@ def test_plan_names_the_bad_argument():
             study.plan(*args)
 
 
+@pytest.mark.slow
 def test_a_failed_run_keeps_the_others(tmp_path, shared_data, capsys):
     # CIFAR-10 is missing from this data root: its runs fail, MNIST's are kept
     root = tmp_path / "data"
@@ -162,6 +163,7 @@ def test_tiny_study_resumes_to_the_same_summary(tmp_path, shared_data):
         assert (tmp_path / "a" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_identical_cells_are_trained_once(tmp_path, shared_data, capsys):
     # the paper and fair AdaFace runs are the same network, head, optimizer and seed
     kwargs = dict(datasets=["mnist"], presets=["paper", "fair"], heads=["adaface"], seeds=1,
