@@ -34,6 +34,10 @@ __all__ = ["retrieval", "verification", "sample_pairs", "roc_curve", "roc_auc",
 
 DEFAULT_CHUNK = 1024
 DEFAULT_MAX_PAIRS = 1_000_000
+# A test image whose angle to its own class weight is this many degrees or
+# more sits in ArcFace's trap (m = 0.5 pulls embeddings towards pi - m, about
+# 151 degrees): the threshold the figures and the study's "trapped" share use.
+TRAPPED_DEG = 140.0
 _PAIR_CHUNK = 1 << 16
 
 

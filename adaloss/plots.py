@@ -14,6 +14,7 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
 from .fileio import atomic_write
+from .metrics import TRAPPED_DEG
 from .stats import ci_or_none
 
 __all__ = ["loss_curve", "comparison", "sample_grid", "margin_distributions",
@@ -151,9 +152,6 @@ def margin_distributions(records: list, title: str = "What the margin does") -> 
         axq.grid(alpha=0.3)
     fig.suptitle(title)
     return fig
-
-
-TRAPPED_DEG = 140.0   # theta_y beyond this: the embedding sits in ArcFace's trap (pi - m region)
 
 
 def theta_epochs(records: list, title: str = "Target angle per epoch") -> Figure:

@@ -37,6 +37,7 @@ from . import datasets as _datasets
 from . import presets, runs, set_num_threads, stats
 from ._version import __version__
 from .fileio import atomic_write
+from .metrics import TRAPPED_DEG
 from .presets import PRESETS, REPORT_ACCURACY, STUDY_SEEDS, RunConfig
 # the statistics live in adaloss.stats; their names stay importable from here
 from .stats import ci_or_none, mean_ci, paired_differences, t_quantile_975, wilcoxon_signed_rank
@@ -791,8 +792,8 @@ def _cell_head(record: dict) -> str:
 # records of runs with `metrics`, closed or open protocol), in %: name ->
 # (label, where in the record's "metrics"; a float picks the entry of a list
 # of {"far", "tar"} at that false-accept rate). "trapped" is the share of the
-# test images whose angle to their own class weight is 140 degrees or more
-# (ArcFace's trap with m = 0.5 lies near 151 degrees).
+# test images whose angle to their own class weight is metrics.TRAPPED_DEG or
+# more.
 EMBEDDING_METRICS = {
     "map_at_r": ("MAP@R", ("retrieval", "map_at_r")),
     "precision_at_1": ("P@1", ("retrieval", "precision_at_1")),
@@ -802,7 +803,6 @@ EMBEDDING_METRICS = {
     "open_set_auroc_gallery": ("open-set AUROC (gallery)", ("open_set", "gallery", "auroc")),
     "trapped": ("trapped", None),
 }
-TRAPPED_DEG = 140.0
 # the metrics whose paired differences the summary table shows (summary.json
 # holds them for every metric)
 PAIRED_IN_TABLE = ("map_at_r", "tar_at_far_1e-3", "open_set_auroc", "trapped")
