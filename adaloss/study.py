@@ -850,6 +850,20 @@ def _metric_cells(rs: list) -> dict:
     return out
 
 
+def _pair(a: dict, b: dict, a_values: list, b_values: list, **extra) -> dict | None:
+    """The paired comparison of cells a and b (values per seed, in their
+    "seeds" order) over their common seeds, `extra` (the metric) after the
+    heads; None when they share no seed."""
+    common, diffs = paired_differences(dict(zip(a["seeds"], a_values)),
+                                       dict(zip(b["seeds"], b_values)))
+    if not common:
+        return None
+    stats = mean_ci(diffs)
+    return {"dataset": a["dataset"], "preset": a["preset"], "a": a["head"], "b": b["head"],
+            **extra, "n": len(common), "mean_diff": stats["mean"], "ci95": stats["ci95"],
+            "wilcoxon_p": wilcoxon_signed_rank(diffs), "seeds": common, "diffs": diffs}
+
+
 def summarize(out, planned: int | None = None, records: list | None = None) -> dict:
     """Cells (mean, std, CI), paired comparisons and CPU time of a study folder;
     `planned`, the grid's number of runs, marks a summary of an unfinished grid;
@@ -874,29 +888,16 @@ def summarize(out, planned: int | None = None, records: list | None = None) -> d
     groups: dict = {}
     for c in cell_rows:
         groups.setdefault((c["dataset"], c["preset"]), []).append(c)
-    for (dataset, preset), cs in groups.items():
+    for cs in groups.values():
         for a, b in itertools.combinations(cs, 2):
-            common, diffs = paired_differences(dict(zip(a["seeds"], a["accuracies"])),
-                                               dict(zip(b["seeds"], b["accuracies"])))
-            if not common:
+            pair = _pair(a, b, a["accuracies"], b["accuracies"])
+            if pair is None:
                 continue
-            stats = mean_ci(diffs)
-            pairs.append({"dataset": dataset, "preset": preset, "a": a["head"], "b": b["head"],
-                          "n": len(common), "mean_diff": stats["mean"], "ci95": stats["ci95"],
-                          "wilcoxon_p": wilcoxon_signed_rank(diffs), "seeds": common,
-                          "diffs": diffs})
+            pairs.append(pair)
             for name in EMBEDDING_METRICS:
-                if name not in a.get("metrics", {}) or name not in b.get("metrics", {}):
-                    continue
-                common, diffs = paired_differences(
-                    dict(zip(a["seeds"], a["metrics"][name]["values"])),
-                    dict(zip(b["seeds"], b["metrics"][name]["values"])))
-                stats = mean_ci(diffs)
-                metric_pairs.append({"dataset": dataset, "preset": preset, "a": a["head"],
-                                     "b": b["head"], "metric": name, "n": len(common),
-                                     "mean_diff": stats["mean"], "ci95": stats["ci95"],
-                                     "wilcoxon_p": wilcoxon_signed_rank(diffs),
-                                     "seeds": common, "diffs": diffs})
+                if name in a.get("metrics", {}) and name in b.get("metrics", {}):
+                    metric_pairs.append(_pair(a, b, a["metrics"][name]["values"],
+                                              b["metrics"][name]["values"], metric=name))
     cpu_seconds = sum(r["wall_seconds"] * r.get("threads", 1) for r in records
                       if "same_run_as" not in r)   # a copied run took no time
     summary = {"adaloss_version": __version__, "created": time.strftime("%Y-%m-%d %H:%M"),
