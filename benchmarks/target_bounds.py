@@ -1,0 +1,126 @@
+#!/usr/bin/env python3
+"""What the speed targets would take: for every row of a bench_train.py
+result, the share of the same run's sgemm peak that PyTorch's fastest path
+reached, and the share adaloss would need to be 1.3x or 1.8x faster in
+training and 2x faster in evaluation.
+
+    python benchmarks/target_bounds.py [RESULTS_JSON]        # print the table
+    python benchmarks/target_bounds.py --write               # docs/speed.md's tables
+
+The rates count the convolution and linear FLOPs bench_train.py counts
+(forward; backward: weight gradient and, but for the first layer, input
+gradient) over the measured time. An im2col + GEMM implementation cannot
+pass 100 % of the peak by much (its GEMMs run at most at the peak, and
+everything else only adds time), so a target that needs more than that is
+out of its reach on that machine whatever is tuned: it takes an algorithm
+with fewer multiplications. `--write` puts the table between the
+``<!-- bounds:FILE -->`` and ``<!-- /bounds -->`` lines of docs/speed.md,
+FILE naming the results file.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+SPEED_DOC = ROOT / "docs" / "speed.md"
+BLOCK_RE = re.compile(r"(<!-- bounds:(?P<file>[\w.\-]+) -->\n)(?P<body>.*?)(<!-- /bounds -->)",
+                      re.S)
+
+
+def bench_train():
+    """bench_train.py as a module: its networks (REPORT_NETS) and its FLOP
+    count (flops_per_image), so the two scripts count alike."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import bench_train as module
+    finally:
+        sys.path.pop(0)
+    return module
+
+
+def rows(result: dict, bench) -> list:
+    out = []
+    peaks = result["sgemm_peak_gflops"]
+    for c in result["configs"]:
+        channels, size, layers = bench.REPORT_NETS[c["net"]]
+        peak = peaks[str(c["threads"])]
+        ft = bench.flops_per_image(layers, channels, size, True)
+        fe = bench.flops_per_image(layers, channels, size, False)
+
+        def share(images_per_second: float, flops: float) -> float:
+            return 100.0 * images_per_second * flops / 1e9 / peak
+
+        torch_train = share(c["torch_train"]["median"], ft)
+        torch_eval = share(c["torch_eval"]["median"], fe)
+        out.append({
+            "net": c["net"], "batch": c["batch"], "threads": c["threads"],
+            "torch_train": torch_train, "torch_eval": torch_eval,
+            "ours_train": share(c["ours_train"]["median"], ft),
+            "ours_eval": share(c["ours_eval"]["median"], fe),
+            "need_train_1.3": 1.3 * torch_train, "need_train_1.8": 1.8 * torch_train,
+            "need_eval_2": 2.0 * torch_eval,
+        })
+    return out
+
+
+def table(result: dict, bench) -> str:
+    lines = ["| network | batch | threads | PyTorch's fastest, train / eval (% of peak) "
+             "| adaloss, train / eval | train 1.3x needs | train 1.8x needs | eval 2x needs |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows(result, bench):
+        lines.append(f"| {r['net']} | {r['batch']} | {r['threads']} | "
+                     f"{r['torch_train']:.0f} / {r['torch_eval']:.0f} | "
+                     f"{r['ours_train']:.0f} / {r['ours_eval']:.0f} | "
+                     f"{r['need_train_1.3']:.0f} | {r['need_train_1.8']:.0f} | "
+                     f"{r['need_eval_2']:.0f} |")
+    return "\n".join(lines)
+
+
+def latest_result() -> Path:
+    """The newest bench_train.py result (by name: date, then -2, -3, ...)."""
+    def key(p: Path):
+        m = re.fullmatch(r"(\d{4}-\d{2}-\d{2})-(.+?)(?:-(\d+))?", p.stem)
+        return (m[1], int(m[3] or 1)) if m else ("", 0)
+    files = [p for p in RESULTS.glob("*.json")
+             if re.match(r"\d{4}-\d{2}-\d{2}-", p.name) and "configs" in json.loads(p.read_text())]
+    if not files:
+        raise SystemExit(f"no bench_train.py results in {RESULTS}")
+    return max(files, key=key)
+
+
+def fill(text: str, bench, results_dir: Path = RESULTS) -> str:
+    """text with every bounds block recomputed from the results file it names."""
+    def one(m):
+        path = results_dir / m["file"]
+        if not path.exists():
+            raise SystemExit(f"docs: a bounds block names {m['file']}, which is not in "
+                             f"{results_dir}")
+        return m[1] + table(json.loads(path.read_text()), bench) + "\n" + m[4]
+    return BLOCK_RE.sub(one, text)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("results", nargs="?", type=Path, default=None,
+                        help="a bench_train.py results file (default: the newest)")
+    parser.add_argument("--write", action="store_true",
+                        help="recompute the bounds blocks of docs/speed.md in place")
+    args = parser.parse_args(argv)
+    bench = bench_train()
+    if args.write:
+        text = SPEED_DOC.read_text(encoding="utf-8")
+        SPEED_DOC.write_text(fill(text, bench), encoding="utf-8")
+        return 0
+    path = args.results or latest_result()
+    print(f"{path.name}:\n")
+    print(table(json.loads(path.read_text()), bench))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
