@@ -239,8 +239,10 @@ def _ci(ci, signed: bool = False) -> str:
 
 
 def _cells(summary: dict, dataset: str) -> list:
+    """The grid's cells of `dataset` (the remedies' cells have a table of
+    their own)."""
     order = {(p, h): i for i, (p, h) in enumerate((p, h) for p in PRESETS for h in HEADS)}
-    cells = [c for c in summary["cells"] if c["dataset"] == dataset]
+    cells = [c for c in summary["cells"] if c["dataset"] == dataset and c["head"] in HEADS]
     return sorted(cells, key=lambda c: order.get((c["preset"], c["head"]), len(order)))
 
 
@@ -258,7 +260,8 @@ def table_cells(summary: dict, dataset: str) -> str:
 def table_pairs(summary: dict, dataset: str) -> str:
     rows = ["| preset | A − B | pairs | mean difference (points) | 95 % CI | Wilcoxon p |",
             "|---|---|---|---|---|---|"]
-    pairs = [p for p in summary["pairs"] if p["dataset"] == dataset]
+    pairs = [p for p in summary["pairs"]
+             if p["dataset"] == dataset and p["a"] in HEADS and p["b"] in HEADS]
     pairs.sort(key=lambda p: PRESETS.index(p["preset"]) if p["preset"] in PRESETS else 9)
     for p in pairs:
         pval = "–" if p["wilcoxon_p"] is None else f"{p['wilcoxon_p']:.3f}"
@@ -329,12 +332,81 @@ def table_open_pairs(summary: dict) -> str:
     return "\n".join(rows)
 
 
-def table(summary: dict, name: str) -> str:
+# The ArcFace remedies' cells (head names in the study, after their
+# changes) in the order the remedies table shows them, and how it names them
+REMEDIES = {"arcface-easy": "ArcFace, easy margin", "arcface-clip": "ArcFace, clipped angle",
+            "arcface-straight-through": "ArcFace, straight-through",
+            "combined-1-0.3-0.2": "combined (1, 0.3, 0.2)",
+            "arcface-swarm2": "ArcFace, softmax warm-up 2", "arcface-mwarm5": "ArcFace, margin warm-up 5"}
+
+
+def _history_trapped(counts: list) -> float:
+    """% of one epoch's histogram (history.theta_hist, bins THETA_EDGES_DEG)
+    at θ_y ≥ metrics.TRAPPED_DEG."""
+    from adaloss.metrics import TRAPPED_DEG
+    from adaloss.training import THETA_EDGES_DEG
+    if len(counts) != len(THETA_EDGES_DEG) - 1 or TRAPPED_DEG not in THETA_EDGES_DEG:
+        raise FindingsError(f"a per-epoch θ_y histogram of {len(counts)} bins, expected "
+                            f"{len(THETA_EDGES_DEG) - 1} with an edge at {TRAPPED_DEG:g}°")
+    first = THETA_EDGES_DEG.index(TRAPPED_DEG)
+    return 100 * sum(counts[first:]) / sum(counts)
+
+
+def remedy_runs(runs_dir: Path, dataset: str, preset: str, head: str, seeds: list) -> list:
+    """The run records of one cell, in its seeds' order."""
+    out = []
+    for seed in seeds:
+        path = Path(runs_dir) / f"{dataset}-{preset}-{head}-seed{seed}.json"
+        if not path.exists():
+            raise FindingsError(f"cell {dataset} {preset} {head}: {path} does not exist")
+        out.append(json.loads(path.read_text()))
+    return out
+
+
+def table_remedies(summary: dict, dataset: str, runs_dir: Path) -> str:
+    """The `fair` ArcFace, each of its remedies that has runs, CosFace and
+    AdaFace: accuracy, the trapped share (θ_y ≥ 140°) after the first epoch
+    (first 1,000 test images) and at the end (all test images), and the
+    paired differences with ArcFace, CosFace and AdaFace (points)."""
+    from adaloss.metrics import TRAPPED_DEG
+    rows = ["| head | seeds | accuracy % (mean ± std) | trapped after epoch 1 % | "
+            "trapped at the end % | − ArcFace | − CosFace | − AdaFace |",
+            "|---|---|---|---|---|---|---|---|"]
+    names = {"arcface": "ArcFace (fallback, the committed cell)", **REMEDIES,
+             "cosface": "CosFace", "adaface": "AdaFace"}
+    present = {c["head"] for c in summary["cells"]
+               if (c["dataset"], c["preset"]) == (dataset, "fair")}
+    for head, label in names.items():
+        if head not in present:
+            continue
+        c = _cell(summary, dataset, "fair", head)
+        runs = remedy_runs(runs_dir, dataset, "fair", head, c["seeds"])
+        first = [r["history"]["theta_hist"][0] for r in runs if r["history"].get("theta_hist")]
+        early = (f"{sum(map(_history_trapped, first)) / len(first):.1f}"
+                 if len(first) == len(runs) else "–")
+        end = sum(_theta_share(r, TRAPPED_DEG) for r in runs) / len(runs)
+        diffs = []
+        for other in ("arcface", "cosface", "adaface"):
+            if other == head:
+                diffs.append("–")
+                continue
+            p = oriented_pair(summary, dataset, "fair", head, other)
+            ci = f" {_ci(p['ci95'], signed=True)}" if p["n"] > 1 else ""
+            diffs.append(f"{p['mean_diff']:+.2f}{ci}")
+        rows.append(f"| {label} | {c['n']} | {_mean_sd(c)} | {early} | {end:.1f} | "
+                    + " | ".join(diffs) + " |")
+    return "\n".join(rows)
+
+
+def table(summary: dict, name: str, runs_dir: Path = STUDY / "runs") -> str:
     """The markdown table NAME (no trailing newline); the open-* tables take
-    the open-protocol study's summary."""
+    the open-protocol study's summary; the remedies table also reads the run
+    records in `runs_dir`."""
     kind, _, dataset = name.partition("-")
     if name == "headline":
         return table_headline(summary)
+    if kind == "remedies" and dataset in DATA_NAME:
+        return table_remedies(summary, dataset, runs_dir)
     if name == "open-cells":
         return table_open_cells(summary)
     if name == "open-pairs":
@@ -342,20 +414,21 @@ def table(summary: dict, name: str) -> str:
     if kind in ("cells", "pairs") and dataset in DATA_NAME:
         return (table_cells if kind == "cells" else table_pairs)(summary, dataset)
     raise FindingsError(f"unknown table {name!r} (cells-DATASET, pairs-DATASET, headline, "
-                        "open-cells, open-pairs)")
+                        "remedies-DATASET, open-cells, open-pairs)")
 
 
-def fill_tables(text: str, summary: dict, open_summary=None) -> str:
+def fill_tables(text: str, summary: dict, open_summary=None,
+                runs_dir: Path = STUDY / "runs") -> str:
     """text with every marked table replaced by the one summary.json gives
     (the open-* tables: `open_summary`, a summary or a function returning
-    one)."""
+    one; the remedies table also reads the records in `runs_dir`)."""
     def one(m):
         source = summary
         if m["name"].startswith("open-"):
             if open_summary is None:
                 raise FindingsError(f"table {m['name']}: no open-protocol study given")
             source = open_summary() if callable(open_summary) else open_summary
-        return m[1] + table(source, m["name"]) + "\n" + m[4]
+        return m[1] + table(source, m["name"], runs_dir) + "\n" + m[4]
     return TABLE_RE.sub(one, text)
 
 
@@ -449,7 +522,8 @@ def check(files=None, study_dir: Path = STUDY, open_dir: Path = STUDY_OPEN) -> l
         text = Path(path).read_text(encoding="utf-8")
         path = _shown(Path(path))
         try:
-            filled = fill_tables(text, study["summary"], lambda: open_study()["summary"])
+            filled = fill_tables(text, study["summary"], lambda: open_study()["summary"],
+                                 Path(study_dir) / "runs")
         except FindingsError as exc:
             problems.append(f"{path}: {exc}")
             continue
@@ -475,7 +549,8 @@ def main(argv=None) -> int:
         open_study = _lazy_study(args.open_study)
         for path in doc_files():
             text = path.read_text(encoding="utf-8")
-            new = fill_tables(text, summary, lambda: open_study()["summary"])
+            new = fill_tables(text, summary, lambda: open_study()["summary"],
+                              Path(args.study) / "runs")
             if new != text:
                 _write_atomic(path, new)
                 print(f"rewrote the tables of {path.relative_to(ROOT)}")

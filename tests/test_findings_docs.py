@@ -225,3 +225,51 @@ def test_the_open_studys_tables_and_numbers_are_checked(ft, tmp_path):
                    .replace("<!-- table:open-cells -->\n<!-- /table -->\n", ""))
     problems = ft.check(files=[doc], open_dir=study)
     assert any("unknown study 'study-shut'" in p for p in problems), problems
+
+
+def _remedy_record(tmp_runs: Path, head: str, seed: int, trapped_end: int, trapped_first: int):
+    """A run record with 100 test images, `trapped_end` of them at θ_y ≥ 140°
+    at the end, and a first-epoch histogram with `trapped_first` of 1,000."""
+    edges = list(range(0, 181, 2))
+    counts = [0] * (len(edges) - 1)
+    counts[edges.index(90)] = 100 - trapped_end
+    counts[edges.index(150)] = trapped_end
+    first = [0] * 36
+    first[18] = 1000 - trapped_first          # 90-95°
+    first[28] = trapped_first                 # 140-145°
+    record = {"name": f"cifar10-fair-{head}-seed{seed}", "theta_hist": {"counts": counts,
+                                                                        "edges": edges},
+              "history": {"theta_hist": [first]}}
+    (tmp_runs / f"cifar10-fair-{head}-seed{seed}.json").write_text(json.dumps(record))
+
+
+def test_the_remedies_table(ft, tmp_path):
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    heads = {"arcface": (100, 1000), "arcface-easy": (10, 250), "cosface": (0, 0),
+             "adaface": (0, 0)}
+    accuracy = {"arcface": 60.0, "arcface-easy": 63.0, "cosface": 65.0, "adaface": 66.0}
+    for head, (end, first) in heads.items():
+        _remedy_record(runs, head, 0, end, first)
+    cell = lambda h: {"dataset": "cifar10", "preset": "fair", "head": h, "n": 1,  # noqa: E731
+                      "mean": accuracy[h], "std": 0.0, "seeds": [0]}
+    pair = lambda a, b: {"dataset": "cifar10", "preset": "fair", "a": a, "b": b, "n": 1,  # noqa: E731
+                         "mean_diff": accuracy[a] - accuracy[b], "ci95": None,
+                         "diffs": [accuracy[a] - accuracy[b]]}
+    summary = {"cells": [cell(h) for h in heads],
+               "pairs": [pair(a, b) for i, a in enumerate(heads) for b in list(heads)[i + 1:]]}
+    rows = ft.table(summary, "remedies-cifar10", runs).splitlines()
+    easy = next(r for r in rows if r.startswith("| ArcFace, easy margin |"))
+    assert easy == "| ArcFace, easy margin | 1 | 63.00 | 25.0 | 10.0 | +3.00 | -2.00 | -3.00 |"
+    assert rows[2].startswith("| ArcFace (fallback") and "| 100.0 | 100.0 | – |" in rows[2]
+    assert len(rows) == 2 + len(heads)
+    # a cell whose record is missing, or whose per-epoch histogram has other bins, is refused
+    (runs / "cifar10-fair-arcface-easy-seed0.json").unlink()
+    with pytest.raises(ft.FindingsError, match="arcface-easy-seed0.json does not exist"):
+        ft.table(summary, "remedies-cifar10", runs)
+    _remedy_record(runs, "arcface-easy", 0, 10, 250)
+    record = json.loads((runs / "cifar10-fair-arcface-easy-seed0.json").read_text())
+    record["history"]["theta_hist"][0] = [1] * 18
+    (runs / "cifar10-fair-arcface-easy-seed0.json").write_text(json.dumps(record))
+    with pytest.raises(ft.FindingsError, match="18 bins"):
+        ft.table(summary, "remedies-cifar10", runs)
