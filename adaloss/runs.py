@@ -234,7 +234,7 @@ def _histogram(values, bins) -> dict:
 
 def run_one(config: RunConfig, seed: int, data: datasets.Dataset, progress: bool = True,
             batch_size: int | None = None, evaluate: bool = True, model_path=None,
-            metrics_every_epoch: bool = False) -> dict:
+            metrics_every_epoch: bool = False, checkpoint_dir=None) -> dict:
     """Train one (config, seed) and return its JSON record: the configuration,
     the per-epoch history, the final test accuracies, the wall time, the
     histograms of the target angle (and of AdaFace's quality) on the test set
@@ -250,7 +250,17 @@ def run_one(config: RunConfig, seed: int, data: datasets.Dataset, progress: bool
 
     Under the open protocol the run trains and tests (accuracy, angles,
     samples) on the seen classes only (``split_classes(C, seed)``, recorded
-    as ``"classes"``), with a head of that many classes."""
+    as ``"classes"``), with a head of that many classes.
+
+    `checkpoint_dir`: fit saves the run there after every epoch and resumes
+    from it (``fit(checkpoint_dir=...)``: the same weights, history and
+    record as an uninterrupted run); a resumed run's record says after which
+    epoch (``"resumed_after_epoch"``) and its ``wall_seconds`` adds the
+    earlier epochs' training time. Not with `metrics_every_epoch`, whose
+    per-epoch measurements of the earlier epochs would be lost."""
+    if checkpoint_dir is not None and metrics_every_epoch:
+        raise ValueError("checkpoint_dir: cannot be combined with metrics_every_epoch (the "
+                         "measurements of the epochs before a resume would be lost)")
     full, seen = data, None
     if config.protocol == "open":
         seen, unseen = split_classes(len(data.classes), seed)
@@ -261,9 +271,13 @@ def run_one(config: RunConfig, seed: int, data: datasets.Dataset, progress: bool
     n_diag = min(DIAGNOSTIC_IMAGES, len(data.test_labels))
     diagnostics = (data.test_images[:n_diag], data.test_labels[:n_diag])
     t0 = time.perf_counter()
-    per_epoch, eval_seconds = [], [0.0]
+    per_epoch, eval_seconds, first_epoch = [], [0.0], []
 
-    def measure(epoch: int, _history) -> None:
+    def after_epoch(epoch: int, _history) -> None:
+        if not first_epoch:
+            first_epoch.append(epoch)     # 1-based: the first epoch this call trained
+        if not metrics_every_epoch:
+            return
         t = time.perf_counter()
         per_epoch.append(dict(epoch=epoch, **_summary(
             evaluate_model(trainer.net, trainer.head, full, config.protocol, seed, seen))))
@@ -274,8 +288,11 @@ def run_one(config: RunConfig, seed: int, data: datasets.Dataset, progress: bool
                            y_test=data.test_labels, seed=seed, eval_rule=config.eval_rule,
                            progress=progress, margin_warmup=config.margin_warmup,
                            softmax_warmup=config.softmax_warmup, diagnostics=diagnostics,
-                           callback=measure if metrics_every_epoch else None)
+                           callback=after_epoch, checkpoint_dir=checkpoint_dir)
     wall = time.perf_counter() - t0 - eval_seconds[0]
+    # epochs trained before a resume: all of them when the checkpoint was final
+    resumed = (first_epoch[0] - 1) if first_epoch else len(history.epochs)
+    wall += sum(history.seconds[:resumed])
     stats = training.margin_stats(trainer.net, trainer.head, data.test_images, data.test_labels)
     rng = np.random.default_rng(seed)
     sample = np.sort(rng.choice(len(data.test_labels), size=min(10, len(data.test_labels)),
@@ -298,6 +315,8 @@ def run_one(config: RunConfig, seed: int, data: datasets.Dataset, progress: bool
         "diagnostics": {"images": n_diag, "edges_deg": list(training.THETA_EDGES_DEG)},
     }
     record["protocol"] = config.protocol
+    if resumed:
+        record["resumed_after_epoch"] = resumed
     if seen is not None:
         record["classes"] = {"seen": seen, "unseen": unseen}
     if metrics_every_epoch:

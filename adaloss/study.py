@@ -23,6 +23,7 @@ import json
 import math
 import multiprocessing
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -34,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from . import datasets as _datasets
-from . import presets, runs, set_num_threads, stats
+from . import checkpoint, presets, runs, set_num_threads, stats
 from ._version import __version__
 from .fileio import atomic_write
 from .metrics import TRAPPED_DEG
@@ -388,12 +389,57 @@ def _load(dataset: str, data_root, subset):
     return _DATA_CACHE[key]
 
 
-def run_task(config_dict: dict, seed: int, data_root, subset, threads: int) -> dict:
-    """One run, in a worker process (or a Dask worker): returns its record."""
+# Where a study keeps the per-epoch checkpoints of its unfinished runs:
+# OUT/runs/.partial/RUN-ID/ (latest.ckpt and settings.json, the settings the
+# checkpoint belongs to). A run resumes from its last finished epoch; the
+# folder goes once the run's record is written.
+PARTIAL = ".partial"
+
+
+def _partial_settings(config_dict: dict, seed: int, subset) -> dict:
+    """What a run's checkpoint must have been made with to be resumed: its
+    configuration but the epochs (a longer run continues a shorter one), seed,
+    subset and adaloss version."""
+    config = {k: v for k, v in config_dict.items() if k != "epochs"}
+    return {"config": config, "seed": seed, "subset": subset, "adaloss_version": __version__}
+
+
+def _prepare_partial(folder: Path, settings: dict) -> None:
+    """Keep `folder`'s checkpoint only if it was made with `settings`; else
+    (another configuration, a settings file missing or unreadable) start the
+    run over."""
+    path = folder / "settings.json"
+    try:
+        same = json.loads(path.read_text(encoding="utf-8")) == settings
+    except (OSError, ValueError):
+        same = False
+    if not same:
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, json.dumps(settings, indent=1).encode())
+
+
+def run_task(config_dict: dict, seed: int, data_root, subset, threads: int,
+             checkpoint_dir=None) -> dict:
+    """One run, in a worker process (or a Dask worker): returns its record.
+    With `checkpoint_dir` (a PARTIAL folder), the run saves itself there after
+    every epoch and resumes from there; a checkpoint that cannot be resumed
+    (other settings, unreadable) is discarded and the run starts over."""
     set_num_threads(threads)
     config = RunConfig.from_dict(config_dict)
     data = _load(config.dataset, data_root, subset)
-    record = runs.run_one(config, seed, data, progress=False)
+    if checkpoint_dir is None:
+        record = runs.run_one(config, seed, data, progress=False)
+    else:
+        folder = Path(checkpoint_dir)
+        settings = _partial_settings(config_dict, seed, subset)
+        _prepare_partial(folder, settings)
+        try:
+            record = runs.run_one(config, seed, data, progress=False, checkpoint_dir=folder)
+        except checkpoint.CheckpointError:        # a damaged or foreign checkpoint
+            shutil.rmtree(folder, ignore_errors=True)
+            _prepare_partial(folder, settings)
+            record = runs.run_one(config, seed, data, progress=False, checkpoint_dir=folder)
     record.update(dataset=config.dataset, preset=config.preset, threads=threads,
                   subset=subset, adaloss_version=__version__)
     return record
@@ -683,6 +729,11 @@ def _study_locked(out, tasks, datasets, presets, seeds, epochs, subset, data_roo
                       f"{str(failure).splitlines()[0]}", flush=True)
             return
         _write(runs_dir / f"{rid}.json", record)
+        shutil.rmtree(runs_dir / PARTIAL / rid, ignore_errors=True)
+        try:
+            (runs_dir / PARTIAL).rmdir()      # when it was the last unfinished run
+        except OSError:
+            pass
         for twin in twins[key[rid]]:
             _write(runs_dir / f"{twin}.json", _twin(record, configs[twin]))
         if progress:
@@ -691,6 +742,7 @@ def _study_locked(out, tasks, datasets, presets, seeds, epochs, subset, data_roo
     args = [(rid, (c.to_dict(), seed, str(data_root) if data_root else None, subset,
                    threads_per_worker)) for rid, c, seed in first]
     if scheduler is not None:
+        # Dask workers may not share this file system: no per-epoch checkpoints
         _run_dask(scheduler, args, finish)
     elif first:
         workers = workers or max(1, (os.cpu_count() or 1) // threads_per_worker)
@@ -698,7 +750,8 @@ def _study_locked(out, tasks, datasets, presets, seeds, epochs, subset, data_roo
         pool = ProcessPoolExecutor(max_workers=min(workers, len(first)), mp_context=ctx,
                                    initializer=_worker_init, initargs=(os.getpid(),))
         try:
-            futures = {pool.submit(run_task, *a): rid for rid, a in args}
+            futures = {pool.submit(run_task, *a, str(runs_dir / PARTIAL / rid)): rid
+                       for rid, a in args}
             for fut in as_completed(futures):
                 finish(futures[fut], fut)
         except BaseException:   # Ctrl-C, SIGTERM: stop now, not after every queued run

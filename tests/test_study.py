@@ -161,6 +161,9 @@ def test_tiny_study_resumes_to_the_same_summary(tmp_path, shared_data):
         [acc[pair["a"]][s] - acc[pair["b"]][s] for s in (0, 1)])
     for name in ("accuracy.png", "pairs.png", "curves.png"):
         assert (tmp_path / "a" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # every run finished: no per-epoch checkpoints left behind
+    assert not (tmp_path / "a" / "runs" / study.PARTIAL).exists()
+    assert not (tmp_path / "b" / "runs" / study.PARTIAL).exists()
 
 
 @pytest.mark.slow
@@ -281,3 +284,56 @@ def test_a_run_interrupted_in_its_worker_is_not_kept(tmp_path, shared_data):
     for name in kept:
         record = json.loads((tmp_path / "s" / "runs" / f"{name}.json").read_text())
         assert not record["history"]["interrupted"] and record["history"]["epochs"] == [1, 2]
+
+
+def _arcface(epochs: int, preset: str = "fair"):
+    from adaloss import presets
+    return next(c for c in presets.runs("mnist", preset, epochs) if c.head == "arcface")
+
+
+def test_a_run_resumes_from_its_checkpoint_to_the_same_record(tmp_path, shared_data):
+    from adaloss import runs
+    data = study._load("mnist", shared_data, 256)
+    kw = dict(progress=False, evaluate=False)      # the embedding metrics: in the study test
+    straight = runs.run_one(_arcface(2, "report"), 0, data, **kw)
+    folder = tmp_path / "partial"
+    first = runs.run_one(_arcface(1, "report"), 0, data, checkpoint_dir=folder, **kw)
+    assert (folder / "latest.ckpt").exists() and "resumed_after_epoch" not in first
+    resumed = runs.run_one(_arcface(2, "report"), 0, data, checkpoint_dir=folder, **kw)
+    assert resumed["resumed_after_epoch"] == 1 and "resumed_after_epoch" not in straight
+    for key, values in straight["history"].items():
+        if key != "seconds":
+            assert resumed["history"][key] == values, key
+    for key in ("test_accuracy", "test_accuracy_plain", "theta_hist", "theta_mean_deg",
+                "quality_hist", "sample_predictions"):
+        assert resumed[key] == straight[key], key
+    # the earlier epoch's training time is counted
+    assert resumed["wall_seconds"] >= resumed["history"]["seconds"][0]
+    # a checkpoint already at the last epoch: nothing left to train, the same record
+    again = runs.run_one(_arcface(2, "report"), 0, data, checkpoint_dir=folder, **kw)
+    assert again["resumed_after_epoch"] == 2 and again["test_accuracy"] == straight["test_accuracy"]
+    with pytest.raises(ValueError, match="checkpoint_dir: cannot be combined"):
+        runs.run_one(_arcface(1), 0, data, progress=False, checkpoint_dir=folder,
+                     metrics_every_epoch=True)
+
+
+@pytest.mark.slow
+def test_a_partial_run_of_other_settings_or_damaged_starts_over(tmp_path, shared_data):
+    config = _arcface(1).to_dict()
+    folder = tmp_path / "runs" / study.PARTIAL / "mnist-fair-arcface-seed0"
+    args = (config, 0, str(shared_data), 256, 1)
+    # a checkpoint at epoch 1 of these settings
+    first = study.run_task(*args, checkpoint_dir=str(folder))
+    assert "resumed_after_epoch" not in first
+    longer = dict(config, epochs=2)
+    assert study.run_task(longer, 0, str(shared_data), 256, 1,
+                          checkpoint_dir=str(folder))["resumed_after_epoch"] == 1
+    # another seed's checkpoint (settings.json differs): discarded, trained from the start
+    other = study.run_task(longer, 1, str(shared_data), 256, 1, checkpoint_dir=str(folder))
+    assert "resumed_after_epoch" not in other and other["history"]["epochs"] == [1, 2]
+    assert json.loads((folder / "settings.json").read_text())["seed"] == 1
+    # a damaged checkpoint of the right settings: discarded, trained from the start
+    (folder / "latest.ckpt").write_bytes(b"not a checkpoint")
+    fresh = study.run_task(longer, 1, str(shared_data), 256, 1, checkpoint_dir=str(folder))
+    assert "resumed_after_epoch" not in fresh and fresh["test_accuracy"] == other["test_accuracy"]
+    assert fresh["metrics"] == other["metrics"]
