@@ -502,7 +502,7 @@ def _write(path: Path, record: dict) -> None:
     atomic_write(path, json.dumps(_json_safe(record), indent=1, allow_nan=False).encode())
 
 
-FIGURES = ("accuracy.png", "pairs.png", "curves.png")   # and roc-*.png, scores-*.png
+FIGURES = ("accuracy.png", "pairs.png", "curves.png")   # and roc-*, scores-*, theta-*.png
 
 
 def _curves_ok(curves) -> bool:
@@ -532,9 +532,38 @@ def _verification_runs(records: list) -> dict:
     return {key: list(cell.values()) for key, cell in sorted(out.items())}
 
 
+def _theta_hist_ok(run: dict) -> bool:
+    """A record's per-epoch θ_y histograms as plots.theta_epochs reads them:
+    one list of counts per epoch, all as long as the bins its diagnostics
+    name (a malformed one is left out of the figure, not an error)."""
+    hist = (run.get("history") or {}).get("theta_hist") \
+        if isinstance(run.get("history"), dict) else None
+    if not isinstance(hist, list) or not hist:
+        return False
+    edges = (run.get("diagnostics") or {}).get("edges_deg") \
+        if isinstance(run.get("diagnostics"), dict) else None
+    bins = len(edges) - 1 if isinstance(edges, list) and all(_number(e) for e in edges) \
+        else len(hist[0]) if isinstance(hist[0], list) else -1
+    return all(isinstance(h, list) and len(h) == bins > 0 and all(_number(c, 0) for c in h)
+               for h in hist)
+
+
+def _theta_runs(records: list) -> dict:
+    """{(dataset, preset): the lowest-seed run of each cell with per-epoch θ_y
+    histograms}, for the θ-per-epoch figures of a study (the remedies' runs
+    and every run since them)."""
+    out: dict = {}
+    for r in sorted(records or [], key=lambda r: r.get("seed", 0)):
+        if _theta_hist_ok(r):
+            out.setdefault((r["dataset"], r["preset"]), {}).setdefault(_cell_head(r), r)
+    return {key: list(cell.values()) for key, cell in sorted(out.items())}
+
+
 def write_summary(out, summary: dict, records: list | None = None) -> None:
     """summary.json, summary.md and the figures (accuracy.png, pairs.png and
-    curves.png, the per-epoch curves of every run in out/runs; `records`, those
+    curves.png, the per-epoch curves of every run in out/runs; per data set and
+    preset, roc-*.png and scores-*.png where runs have verification curves and
+    theta-*.png where they have per-epoch θ_y histograms; `records`, those
     runs if the caller has read them already).
 
     Everything is written to temporary files first and renamed into place only
@@ -566,6 +595,10 @@ def write_summary(out, summary: dict, records: list | None = None) -> None:
         figures[f"scores-{dataset}-{preset}.png"] = functools.partial(
             plots.score_histograms, runs_,
             f"{dataset}, {preset}, first seed: genuine and impostor cosines")
+    for (dataset, preset), runs_ in _theta_runs(records).items():
+        figures[f"theta-{dataset}-{preset}.png"] = functools.partial(
+            plots.theta_epochs, runs_,
+            f"{dataset}, {preset}, first seed: $\\theta_y$ of the first test images per epoch")
     staged = []
     try:
         for name, data in contents.items():
@@ -585,7 +618,7 @@ def write_summary(out, summary: dict, records: list | None = None) -> None:
     for tmp, dest in staged:
         os.replace(tmp, dest)
     stale = [out / name for name in FIGURES] + sorted(out.glob("roc-*.png")) \
-        + sorted(out.glob("scores-*.png"))
+        + sorted(out.glob("scores-*.png")) + sorted(out.glob("theta-*.png"))
     for path in stale:
         name = path.name
         if name not in figures and (out / name).exists():

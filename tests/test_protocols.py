@@ -310,3 +310,40 @@ def test_each_data_sets_verification_figures_show_its_own_runs(tmp_path, monkeyp
     study.write_summary(tmp_path, summary, records)
     assert drawn == {(k, d): {d} for k in ("roc", "scores") for d in ("mnist", "cifar10")}
     assert (tmp_path / "roc-cifar10-fair.png").exists()
+
+
+def test_a_studys_theta_figures_show_each_cells_first_run_with_histograms(tmp_path, monkeypatch):
+    """theta-DATASET-PRESET.png: the lowest seed of each cell whose record has
+    per-epoch θ_y histograms; a malformed one is left out, not an error, and a
+    folder without any has no such figure."""
+    drawn = {}
+
+    def fake(records, title):
+        drawn[title.split(",")[0]] = sorted((r["name"], r["seed"]) for r in records)
+        return real(records, title)
+
+    from adaloss import plots as plots_module
+    real = plots_module.theta_epochs
+    monkeypatch.setattr(plots_module, "theta_epochs", fake)
+    edges = list(range(0, 181, 5))
+    good = [[0] * 35 + [7], [1] * 36]
+    records = []
+    for head, seed, hist in (("arcface", 1, good), ("arcface", 0, good), ("cosface", 0, good),
+                             ("softmax", 0, [[1] * 18]), ("adaface", 0, None)):
+        config = next(c for c in presets.runs("cifar10", "fair") if c.head == head)
+        history = {"epochs": [1, 2], "test_accuracy": [0.5, 0.5], "train_loss": [1.0, 1.0]}
+        if hist is not None:
+            history["theta_hist"] = hist
+        records.append({"name": config.name, "head": head, "dataset": "cifar10",
+                        "preset": "fair", "seed": seed, "config": config.to_dict(),
+                        "test_accuracy": 0.5, "test_accuracy_plain": 0.5, "wall_seconds": 1.0,
+                        "history": history, "diagnostics": {"images": 7, "edges_deg": edges}})
+    summary = study.summarize(tmp_path, records=records)
+    study.write_summary(tmp_path, summary, records)
+    assert drawn == {"cifar10": [("cifar10-fair-arcface", 0), ("cifar10-fair-cosface", 0)]}
+    assert (tmp_path / "theta-cifar10-fair.png").read_bytes()[:4] == b"\x89PNG"
+    # the runs lose their histograms: the figure goes with the next summary
+    for r in records:
+        r["history"].pop("theta_hist", None)
+    study.write_summary(tmp_path, study.summarize(tmp_path, records=records), records)
+    assert not (tmp_path / "theta-cifar10-fair.png").exists()
