@@ -43,7 +43,9 @@ and benchmarks/study/extra/:
    record (``theta_mean_deg``, ``wall_seconds``) or one of the derived values
    in RUN_FIELDS (accuracies in %; ``theta_share_LO_HI`` is the % of the test
    set whose angle to its own class weight lies in [LO°, HI°), HI defaulting
-   to 180; both on the record's 2° histogram bin edges).
+   to 180; both on the record's 2° histogram bin edges; ``trapped_epoch_N``
+   is the % of the first 1,000 test images at θ_y ≥ 140° after epoch N, from
+   the per-epoch histograms of runs since the remedies).
    ``diff: KIND ARGS | KIND ARGS``: the first value minus the second, each
    written as above without the colon.
 
@@ -162,6 +164,9 @@ RUN_FIELDS = {
     "final_train_loss": lambda r: r["history"]["train_loss"][-1],
 }
 THETA_FIELD = re.compile(r"theta_share_(\d+)(?:_(\d+))?$")  # theta_share_140, theta_share_148_160
+# trapped_epoch_3: % of the first 1,000 test images at θ_y ≥ 140° after epoch 3
+# (history.theta_hist)
+TRAPPED_EPOCH_FIELD = re.compile(r"trapped_epoch_(\d+)$")
 
 
 def _run(study: dict, name: str) -> dict:
@@ -217,9 +222,16 @@ def lookup(study: dict, kind: str, args: str) -> float:
         value = _path(summary, words[0], "summary.json")
     else:
         record, field = _run(study, words[0]), words[1]
-        theta = THETA_FIELD.match(field)
+        theta, trapped = THETA_FIELD.match(field), TRAPPED_EPOCH_FIELD.match(field)
         if theta:
             value = _theta_share(record, float(theta[1]), float(theta[2] or 180))
+        elif trapped:
+            per_epoch = record.get("history", {}).get("theta_hist") or []
+            epoch = int(trapped[1])
+            if not 1 <= epoch <= len(per_epoch):
+                raise FindingsError(f"run {words[0]}: no θ_y histogram after epoch {epoch} "
+                                    f"(it has {len(per_epoch)})")
+            value = _history_trapped(per_epoch[epoch - 1])
         elif field in RUN_FIELDS:
             value = RUN_FIELDS[field](record)
         else:

@@ -273,3 +273,13 @@ def test_the_remedies_table(ft, tmp_path):
     (runs / "cifar10-fair-arcface-easy-seed0.json").write_text(json.dumps(record))
     with pytest.raises(ft.FindingsError, match="18 bins"):
         ft.table(summary, "remedies-cifar10", runs)
+
+
+def test_trapped_after_an_epoch_annotation(ft, tmp_path):
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    _remedy_record(runs, "arcface-easy", 0, 10, 250)
+    study = {"summary": {}, "dir": tmp_path}
+    assert ft.lookup(study, "run", "cifar10-fair-arcface-easy-seed0 trapped_epoch_1") == 25.0
+    with pytest.raises(ft.FindingsError, match="no θ_y histogram after epoch 2"):
+        ft.lookup(study, "run", "cifar10-fair-arcface-easy-seed0 trapped_epoch_2")
