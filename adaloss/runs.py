@@ -9,13 +9,14 @@ docs/evaluation.md), for ``run_one`` and for ``adaloss evaluate`` alike;
 """
 from __future__ import annotations
 
+import json
 import math
 import time
 from pathlib import Path
 
 import numpy as np
 
-from . import checkpoint, datasets, datasources, metrics, presets, training
+from . import checkpoint, datasets, datasources, fileio, metrics, presets, training
 from .presets import PROTOCOLS, RunConfig
 
 __all__ = ["run_one", "load_data", "configs", "split_classes", "protocol_data",
@@ -232,6 +233,25 @@ def _histogram(values, bins) -> dict:
     return {"counts": counts.tolist(), "edges": edges.tolist()}
 
 
+# Beside a run's per-epoch checkpoint: {"epoch", "wall_seconds"}, the run's
+# wall time (training, evaluation, diagnostics, saving) up to that epoch.
+ELAPSED = "elapsed.json"
+
+
+def _read_elapsed(folder) -> dict:
+    """ELAPSED of a checkpoint folder; {} when there is none or it is not valid."""
+    if folder is None:
+        return {}
+    try:
+        value = json.loads((Path(folder) / ELAPSED).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    ok = isinstance(value, dict) and isinstance(value.get("epoch"), int) \
+        and isinstance(value.get("wall_seconds"), (int, float)) \
+        and math.isfinite(value["wall_seconds"]) and value["wall_seconds"] >= 0
+    return value if ok else {}
+
+
 def run_one(config: RunConfig, seed: int, data: datasets.Dataset, progress: bool = True,
             batch_size: int | None = None, evaluate: bool = True, model_path=None,
             metrics_every_epoch: bool = False, checkpoint_dir=None) -> dict:
@@ -255,9 +275,11 @@ def run_one(config: RunConfig, seed: int, data: datasets.Dataset, progress: bool
     `checkpoint_dir`: fit saves the run there after every epoch and resumes
     from it (``fit(checkpoint_dir=...)``: the same weights, history and
     record as an uninterrupted run); a resumed run's record says after which
-    epoch (``"resumed_after_epoch"``) and its ``wall_seconds`` adds the
-    earlier epochs' training time. Not with `metrics_every_epoch`, whose
-    per-epoch measurements of the earlier epochs would be lost."""
+    epoch (``"resumed_after_epoch"``) and its ``wall_seconds`` adds the time
+    the earlier process had spent up to that epoch (``ELAPSED`` beside the
+    checkpoint; without it, the earlier epochs' training steps alone). Not
+    with `metrics_every_epoch`, whose per-epoch measurements of the earlier
+    epochs would be lost."""
     if checkpoint_dir is not None and metrics_every_epoch:
         raise ValueError("checkpoint_dir: cannot be combined with metrics_every_epoch (the "
                          "measurements of the epochs before a resume would be lost)")
@@ -271,11 +293,23 @@ def run_one(config: RunConfig, seed: int, data: datasets.Dataset, progress: bool
     n_diag = min(DIAGNOSTIC_IMAGES, len(data.test_labels))
     diagnostics = (data.test_images[:n_diag], data.test_labels[:n_diag])
     t0 = time.perf_counter()
-    per_epoch, eval_seconds, first_epoch = [], [0.0], []
+    per_epoch, eval_seconds, first_epoch, earlier = [], [0.0], [], [0.0]
+    before = _read_elapsed(checkpoint_dir)
 
-    def after_epoch(epoch: int, _history) -> None:
+    def time_before(resumed: int, history) -> float:
+        """The wall time of the epochs trained before this call."""
+        if before.get("epoch") == resumed:
+            return before["wall_seconds"]
+        return float(sum(history.seconds[:resumed]))
+
+    def after_epoch(epoch: int, history) -> None:
         if not first_epoch:
             first_epoch.append(epoch)     # 1-based: the first epoch this call trained
+            earlier[0] = time_before(epoch - 1, history)
+        if checkpoint_dir is not None:
+            wall = earlier[0] + time.perf_counter() - t0 - eval_seconds[0]
+            fileio.atomic_write(Path(checkpoint_dir) / ELAPSED, json.dumps(
+                {"epoch": epoch, "wall_seconds": wall}).encode())
         if not metrics_every_epoch:
             return
         t = time.perf_counter()
@@ -289,10 +323,9 @@ def run_one(config: RunConfig, seed: int, data: datasets.Dataset, progress: bool
                            progress=progress, margin_warmup=config.margin_warmup,
                            softmax_warmup=config.softmax_warmup, diagnostics=diagnostics,
                            callback=after_epoch, checkpoint_dir=checkpoint_dir)
-    wall = time.perf_counter() - t0 - eval_seconds[0]
     # epochs trained before a resume: all of them when the checkpoint was final
     resumed = (first_epoch[0] - 1) if first_epoch else len(history.epochs)
-    wall += sum(history.seconds[:resumed])
+    wall = time.perf_counter() - t0 - eval_seconds[0] + time_before(resumed, history)
     stats = training.margin_stats(trainer.net, trainer.head, data.test_images, data.test_labels)
     rng = np.random.default_rng(seed)
     sample = np.sort(rng.choice(len(data.test_labels), size=min(10, len(data.test_labels)),

@@ -4,8 +4,10 @@ or on a Dask cluster, resumable, with a statistical summary.
     adaloss study --datasets mnist,cifar10 --presets report,paper,fair \\
                   --seeds mnist=5,cifar10=3 --out results/study
 
-Each finished run is one small JSON file in ``<out>/runs/`` (never weights);
-runs already there are skipped, so an interrupted study resumes where it
+Each finished run is one small JSON file in ``<out>/runs/`` (never weights:
+the per-epoch checkpoints of unfinished runs in ``<out>/runs/.partial/`` go
+as their runs finish); runs already there are skipped, and unfinished ones
+continue from their last epoch, so an interrupted study resumes where it
 stopped; cells that make the very same run (the paper and fair AdaFace runs)
 are trained once and share the record. ``<out>/summary.json`` and
 ``<out>/summary.md`` (with the figures ``accuracy.png`` and ``pairs.png``)
@@ -404,17 +406,37 @@ def _partial_settings(config_dict: dict, seed: int, subset) -> dict:
     return {"config": config, "seed": seed, "subset": subset, "adaloss_version": __version__}
 
 
+def _drop_finished_partials(runs_dir: Path, progress: bool) -> None:
+    """Remove the checkpoints of runs whose record is in the folder (a study
+    stopped between writing a record and removing its checkpoint)."""
+    partial = runs_dir / PARTIAL
+    if not partial.is_dir():
+        return
+    for folder in sorted(partial.iterdir()):
+        if (runs_dir / f"{folder.name}.json").exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            if progress:
+                print(f"study: removed {folder}, the checkpoint of a finished run", flush=True)
+
+
+def _discard(folder: Path, why: str) -> None:
+    if folder.exists():
+        print(f"study: {folder.name}: discarded its checkpoint ({why}); training it from the "
+              "start", file=sys.stderr, flush=True)
+    shutil.rmtree(folder, ignore_errors=True)
+
+
 def _prepare_partial(folder: Path, settings: dict) -> None:
     """Keep `folder`'s checkpoint only if it was made with `settings`; else
     (another configuration, a settings file missing or unreadable) start the
-    run over."""
+    run over, with a message."""
     path = folder / "settings.json"
     try:
         same = json.loads(path.read_text(encoding="utf-8")) == settings
     except (OSError, ValueError):
         same = False
     if not same:
-        shutil.rmtree(folder, ignore_errors=True)
+        _discard(folder, "made with other settings" if path.exists() else "no settings.json")
         folder.mkdir(parents=True, exist_ok=True)
         atomic_write(path, json.dumps(settings, indent=1).encode())
 
@@ -436,8 +458,8 @@ def run_task(config_dict: dict, seed: int, data_root, subset, threads: int,
         _prepare_partial(folder, settings)
         try:
             record = runs.run_one(config, seed, data, progress=False, checkpoint_dir=folder)
-        except checkpoint.CheckpointError:        # a damaged or foreign checkpoint
-            shutil.rmtree(folder, ignore_errors=True)
+        except checkpoint.CheckpointError as exc:   # damaged, of other data, past the epochs
+            _discard(folder, str(exc).splitlines()[0])
             _prepare_partial(folder, settings)
             record = runs.run_one(config, seed, data, progress=False, checkpoint_dir=folder)
     record.update(dataset=config.dataset, preset=config.preset, threads=threads,
@@ -532,30 +554,41 @@ def _verification_runs(records: list) -> dict:
     return {key: list(cell.values()) for key, cell in sorted(out.items())}
 
 
-def _theta_hist_ok(run: dict) -> bool:
-    """A record's per-epoch θ_y histograms as plots.theta_epochs reads them:
-    one list of counts per epoch, all as long as the bins its diagnostics
-    name (a malformed one is left out of the figure, not an error)."""
-    hist = (run.get("history") or {}).get("theta_hist") \
-        if isinstance(run.get("history"), dict) else None
-    if not isinstance(hist, list) or not hist:
-        return False
-    edges = (run.get("diagnostics") or {}).get("edges_deg") \
-        if isinstance(run.get("diagnostics"), dict) else None
-    bins = len(edges) - 1 if isinstance(edges, list) and all(_number(e) for e in edges) \
-        else len(hist[0]) if isinstance(hist[0], list) else -1
-    return all(isinstance(h, list) and len(h) == bins > 0 and all(_number(c, 0) for c in h)
-               for h in hist)
+def _theta_epochs_of(run: dict) -> dict | None:
+    """A record's per-epoch θ_y histograms as plots.theta_epochs reads them, or
+    None when they are missing or malformed (then the run is left out of the
+    figure, never an error): one list of counts per epoch, all of one length,
+    and bin edges from its diagnostics (a list of increasing numbers, one more
+    than the bins) or, without diagnostics, 5° bins over 0-180. The copy holds
+    only those checked fields."""
+    history, diagnostics = run.get("history"), run.get("diagnostics", {})
+    hist = history.get("theta_hist") if isinstance(history, dict) else None
+    if not isinstance(hist, list) or not hist or not isinstance(hist[0], list) or not hist[0] \
+            or not isinstance(diagnostics, dict):
+        return None
+    bins = len(hist[0])
+    edges = diagnostics.get("edges_deg", [180.0 * i / bins for i in range(bins + 1)])
+    if not isinstance(edges, list) or len(edges) != bins + 1 \
+            or not all(_number(e) for e in edges) \
+            or any(b <= a for a, b in zip(edges, edges[1:])):
+        return None
+    if not all(isinstance(h, list) and len(h) == bins and all(_number(c, 0) for c in h)
+               for h in hist):
+        return None
+    return {"name": run.get("name"), "head": run.get("head"), "seed": run.get("seed"),
+            "history": {"theta_hist": hist},
+            "diagnostics": {"edges_deg": edges}}
 
 
 def _theta_runs(records: list) -> dict:
-    """{(dataset, preset): the lowest-seed run of each cell with per-epoch θ_y
-    histograms}, for the θ-per-epoch figures of a study (the remedies' runs
-    and every run since them)."""
+    """{(dataset, preset): the lowest seed of each cell among its runs with
+    per-epoch θ_y histograms (checked copies)}, for the θ-per-epoch figures of
+    a study (the remedies' runs and every run since them)."""
     out: dict = {}
     for r in sorted(records or [], key=lambda r: r.get("seed", 0)):
-        if _theta_hist_ok(r):
-            out.setdefault((r["dataset"], r["preset"]), {}).setdefault(_cell_head(r), r)
+        clean = _theta_epochs_of(r)
+        if clean is not None:
+            out.setdefault((r["dataset"], r["preset"]), {}).setdefault(_cell_head(r), clean)
     return {key: list(cell.values()) for key, cell in sorted(out.items())}
 
 
@@ -684,6 +717,7 @@ def _study_locked(out, tasks, datasets, presets, seeds, epochs, subset, data_roo
                   rerun_mismatched, overrides, protocol) -> dict:
     runs_dir = out / "runs"
     records = _set_aside_bad_records(runs_dir)
+    _drop_finished_partials(runs_dir, progress)
     # Cells that make the very same run (the paper and fair AdaFace runs: same
     # network, head, optimizer and seed) are trained once; the other cell gets a
     # copy of the record marked "same_run_as".
@@ -763,10 +797,6 @@ def _study_locked(out, tasks, datasets, presets, seeds, epochs, subset, data_roo
             return
         _write(runs_dir / f"{rid}.json", record)
         shutil.rmtree(runs_dir / PARTIAL / rid, ignore_errors=True)
-        try:
-            (runs_dir / PARTIAL).rmdir()      # when it was the last unfinished run
-        except OSError:
-            pass
         for twin in twins[key[rid]]:
             _write(runs_dir / f"{twin}.json", _twin(record, configs[twin]))
         if progress:
@@ -791,6 +821,10 @@ def _study_locked(out, tasks, datasets, presets, seeds, epochs, subset, data_roo
             _stop(pool)
             raise
         pool.shutdown()
+        try:
+            (runs_dir / PARTIAL).rmdir()       # once no unfinished run is left in it
+        except OSError:
+            pass
     records = [r for r in _read_runs(out) if r.get("protocol", "closed") == protocol]
     summary = summarize(out, planned=len(tasks), records=records)
     summary["command_hint"] = ("adaloss study --datasets " + ",".join(datasets) + " --presets "

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""Training-step time of two builds of adaloss, interleaved: how much a change
-to the C core costs or gains.
+"""Training-step (or forward) time of two builds of adaloss, interleaved: how
+much a change to the C core costs or gains.
 
     python benchmarks/ab_step.py OLD_TREE NEW_TREE [--threads 1,2] [--batch 64]
                                  [--repeats 9] [--steps 8] [--nets NAME,...]
@@ -63,8 +63,8 @@ DEFAULT_NETS = ("mnist-report-arcface", "mnist-report-adaface", "cifar10-report-
 
 def step_seconds(tree: str, name: str, threads: int, batch: int, steps: int, mode: str = "train",
                  extra_env: dict | None = None) -> float:
-    env = dict(os.environ, PYTHONPATH=os.path.abspath(tree), OMP_NUM_THREADS=str(threads),
-               **(extra_env or {}))
+    env = {**os.environ, "PYTHONPATH": os.path.abspath(tree), "OMP_NUM_THREADS": str(threads)}
+    env.update(extra_env or {})
     proc = subprocess.run([sys.executable, "-c", CHILD, name, str(threads), str(batch),
                            str(steps), mode], capture_output=True, text=True, env=env,
                           cwd=tempfile.gettempdir(), timeout=900)

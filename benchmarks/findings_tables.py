@@ -226,12 +226,7 @@ def lookup(study: dict, kind: str, args: str) -> float:
         if theta:
             value = _theta_share(record, float(theta[1]), float(theta[2] or 180))
         elif trapped:
-            per_epoch = record.get("history", {}).get("theta_hist") or []
-            epoch = int(trapped[1])
-            if not 1 <= epoch <= len(per_epoch):
-                raise FindingsError(f"run {words[0]}: no θ_y histogram after epoch {epoch} "
-                                    f"(it has {len(per_epoch)})")
-            value = _history_trapped(per_epoch[epoch - 1])
+            value = _epoch_trapped(record, int(trapped[1]))
         elif field in RUN_FIELDS:
             value = RUN_FIELDS[field](record)
         else:
@@ -352,16 +347,30 @@ REMEDIES = {"arcface-easy": "ArcFace, easy margin", "arcface-clip": "ArcFace, cl
             "arcface-swarm2": "ArcFace, softmax warm-up 2", "arcface-mwarm5": "ArcFace, margin warm-up 5"}
 
 
-def _history_trapped(counts: list) -> float:
-    """% of one epoch's histogram (history.theta_hist, bins THETA_EDGES_DEG)
-    at θ_y ≥ metrics.TRAPPED_DEG."""
+def _history_trapped(counts: list, edges=None) -> float:
+    """% of one epoch's histogram (history.theta_hist; bins `edges`, the
+    record's diagnostics.edges_deg, default THETA_EDGES_DEG) at θ_y ≥
+    metrics.TRAPPED_DEG."""
     from adaloss.metrics import TRAPPED_DEG
     from adaloss.training import THETA_EDGES_DEG
-    if len(counts) != len(THETA_EDGES_DEG) - 1 or TRAPPED_DEG not in THETA_EDGES_DEG:
+    edges = list(THETA_EDGES_DEG if edges is None else edges)
+    if len(counts) != len(edges) - 1 or TRAPPED_DEG not in edges:
         raise FindingsError(f"a per-epoch θ_y histogram of {len(counts)} bins, expected "
-                            f"{len(THETA_EDGES_DEG) - 1} with an edge at {TRAPPED_DEG:g}°")
-    first = THETA_EDGES_DEG.index(TRAPPED_DEG)
+                            f"{len(edges) - 1} with an edge at {TRAPPED_DEG:g}°")
+    if sum(counts) <= 0:
+        raise FindingsError("a per-epoch θ_y histogram with no images")
+    first = edges.index(TRAPPED_DEG)
     return 100 * sum(counts[first:]) / sum(counts)
+
+
+def _epoch_trapped(record: dict, epoch: int) -> float:
+    """% of a run's diagnostic images at θ_y ≥ 140° after `epoch` (1-based)."""
+    per_epoch = record.get("history", {}).get("theta_hist") or []
+    if not 1 <= epoch <= len(per_epoch):
+        raise FindingsError(f"run {record.get('name')}: no θ_y histogram after epoch {epoch} "
+                            f"(it has {len(per_epoch)})")
+    edges = (record.get("diagnostics") or {}).get("edges_deg")
+    return _history_trapped(per_epoch[epoch - 1], edges)
 
 
 def remedy_runs(runs_dir: Path, dataset: str, preset: str, head: str, seeds: list) -> list:
@@ -386,20 +395,23 @@ def table_remedies(summary: dict, dataset: str, runs_dir: Path) -> str:
             "|---|---|---|---|---|---|---|---|"]
     names = {"arcface": "ArcFace (fallback, the committed cell)", **REMEDIES,
              "cosface": "CosFace", "adaface": "AdaFace"}
-    present = {c["head"] for c in summary["cells"]
-               if (c["dataset"], c["preset"]) == (dataset, "fair")}
+    present = [c["head"] for c in summary["cells"]
+               if (c["dataset"], c["preset"]) == (dataset, "fair")]
+    # the fair preset's cells that are neither the grid's nor known remedies
+    # (other settings, e.g. cosface-m0.3) come last, under their cell names
+    names.update((h, h) for h in present if h not in names and h not in HEADS)
     for head, label in names.items():
         if head not in present:
             continue
         c = _cell(summary, dataset, "fair", head)
         runs = remedy_runs(runs_dir, dataset, "fair", head, c["seeds"])
-        first = [r["history"]["theta_hist"][0] for r in runs if r["history"].get("theta_hist")]
-        early = (f"{sum(map(_history_trapped, first)) / len(first):.1f}"
-                 if len(first) == len(runs) else "–")
+        with_history = [r for r in runs if r.get("history", {}).get("theta_hist")]
+        early = (f"{sum(_epoch_trapped(r, 1) for r in runs) / len(runs):.1f}"
+                 if len(with_history) == len(runs) else "–")
         end = sum(_theta_share(r, TRAPPED_DEG) for r in runs) / len(runs)
         diffs = []
         for other in ("arcface", "cosface", "adaface"):
-            if other == head:
+            if other == head or other not in present:
                 diffs.append("–")
                 continue
             p = oriented_pair(summary, dataset, "fair", head, other)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -35,11 +36,12 @@ BLOCK_RE = re.compile(r"(<!-- bounds:(?P<file>[\w.\-]+) -->\n)(?P<body>.*?)(<!--
 def bench_train():
     """bench_train.py as a module: its networks (REPORT_NETS) and its FLOP
     count (flops_per_image), so the two scripts count alike."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
+    here = str(ROOT / "benchmarks")
+    sys.path.insert(0, here)
     try:
         import bench_train as module
     finally:
-        sys.path.pop(0)
+        sys.path.remove(here)          # bench_train puts tests/ in front of it
     return module
 
 
@@ -48,6 +50,9 @@ def rows(result: dict, bench) -> list:
     peaks = result["sgemm_peak_gflops"]
     for c in result["configs"]:
         channels, size, layers = bench.REPORT_NETS[c["net"]]
+        if str(c["threads"]) not in peaks:
+            raise ValueError(f"the results hold no sgemm peak for {c['threads']} threads "
+                             f"(they have {sorted(peaks)})")
         peak = peaks[str(c["threads"])]
         ft = bench.flops_per_image(layers, channels, size, True)
         fe = bench.flops_per_image(layers, channels, size, False)
@@ -113,8 +118,15 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     bench = bench_train()
     if args.write:
+        if args.results is not None:
+            parser.error("--write recomputes the tables from the results files docs/speed.md "
+                         "names; give no RESULTS_JSON with it")
         text = SPEED_DOC.read_text(encoding="utf-8")
-        SPEED_DOC.write_text(fill(text, bench), encoding="utf-8")
+        new = fill(text, bench)
+        if new != text:
+            tmp = SPEED_DOC.with_name(f".{SPEED_DOC.name}.new")
+            tmp.write_text(new, encoding="utf-8")
+            os.replace(tmp, SPEED_DOC)
         return 0
     path = args.results or latest_result()
     print(f"{path.name}:\n")

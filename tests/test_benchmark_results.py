@@ -33,11 +33,11 @@ def test_the_target_bounds_in_the_speed_doc_are_current():
     assert bounds.fill(stale, bench) != stale
 
 
-def test_the_target_bounds_follow_the_measured_rates():
+def test_the_target_bounds_follow_the_measured_rates(monkeypatch):
     bounds = benchmark_module("target_bounds")
     bench = bounds.bench_train()
     layers = [("conv", 1, 4), ("pool",), ("linear", 4 * 7 * 7, 10)]
-    bench.REPORT_NETS = dict(bench.REPORT_NETS, toy=(1, 14, layers))
+    monkeypatch.setattr(bench, "REPORT_NETS", dict(bench.REPORT_NETS, toy=(1, 14, layers)))
     per_image = bench.flops_per_image(layers, 1, 14, True)
     result = {"sgemm_peak_gflops": {"1": 10.0},
               "configs": [{"net": "toy", "batch": 8, "threads": 1,

@@ -53,16 +53,23 @@ def open_summary():
 def test_findings_tables_are_the_generated_ones(ft, summary, open_summary):
     text = FINDINGS.read_text(encoding="utf-8")
     tables = {m["name"]: m["body"] for m in ft.TABLE_RE.finditer(text)}
-    assert set(tables) == {"cells-mnist", "pairs-mnist", "cells-cifar10", "pairs-cifar10",
-                           "open-cells", "open-pairs"}
+    grid = {"cells-mnist", "pairs-mnist", "cells-cifar10", "pairs-cifar10", "open-cells",
+            "open-pairs"}
+    assert grid <= set(tables) <= grid | {"remedies-cifar10"}
     for name, body in tables.items():
         source = open_summary if name.startswith("open-") else summary
         assert body == ft.table(source, name) + "\n", name
-    tables = {k: v for k, v in tables.items() if not k.startswith("open-")}
-    # every cell and pair of the summary is in one of the tables
-    cell_rows = sum(body.count("\n") - 2 for name, body in tables.items() if name.startswith("cells"))
-    pair_rows = sum(body.count("\n") - 2 for name, body in tables.items() if name.startswith("pairs"))
-    assert (cell_rows, pair_rows) == (len(summary["cells"]), len(summary["pairs"]))
+    # every cell and pair of the grid's heads is in one of the grid's tables,
+    # every other cell (the remedies) in the remedies table
+    in_grid = [c for c in summary["cells"] if c["head"] in ft.HEADS]
+    pairs = [p for p in summary["pairs"] if p["a"] in ft.HEADS and p["b"] in ft.HEADS]
+    rows = lambda kind: sum(body.count("\n") - 2 for name, body in tables.items()  # noqa: E731
+                            if name.startswith(kind))
+    assert (rows("cells-"), rows("pairs-")) == (len(in_grid), len(pairs))
+    others = [c for c in summary["cells"] if c["head"] not in ft.HEADS]
+    if others:
+        remedies = tables["remedies-cifar10"]
+        assert all(f"| {ft.REMEDIES.get(c['head'], c['head'])} |" in remedies for c in others)
 
 
 def test_readme_headline_table_is_generated(ft, summary):
@@ -263,6 +270,13 @@ def test_the_remedies_table(ft, tmp_path):
     assert easy == "| ArcFace, easy margin | 1 | 63.00 | 25.0 | 10.0 | +3.00 | -2.00 | -3.00 |"
     assert rows[2].startswith("| ArcFace (fallback") and "| 100.0 | 100.0 | – |" in rows[2]
     assert len(rows) == 2 + len(heads)
+    # a cell of other settings, not a known remedy: a row under its own name
+    _remedy_record(runs, "cosface-m0.3", 0, 0, 0)
+    accuracy["cosface-m0.3"] = 64.0
+    summary["cells"].append(cell("cosface-m0.3"))
+    summary["pairs"] += [pair("cosface-m0.3", b) for b in ("arcface", "cosface", "adaface")]
+    rows = ft.table(summary, "remedies-cifar10", runs).splitlines()
+    assert rows[-1] == "| cosface-m0.3 | 1 | 64.00 | 0.0 | 0.0 | +4.00 | -1.00 | -2.00 |"
     # a cell whose record is missing, or whose per-epoch histogram has other bins, is refused
     (runs / "cifar10-fair-arcface-easy-seed0.json").unlink()
     with pytest.raises(ft.FindingsError, match="arcface-easy-seed0.json does not exist"):
@@ -272,6 +286,10 @@ def test_the_remedies_table(ft, tmp_path):
     record["history"]["theta_hist"][0] = [1] * 18
     (runs / "cifar10-fair-arcface-easy-seed0.json").write_text(json.dumps(record))
     with pytest.raises(ft.FindingsError, match="18 bins"):
+        ft.table(summary, "remedies-cifar10", runs)
+    record["history"]["theta_hist"][0] = [0] * 36
+    (runs / "cifar10-fair-arcface-easy-seed0.json").write_text(json.dumps(record))
+    with pytest.raises(ft.FindingsError, match="no images"):
         ft.table(summary, "remedies-cifar10", runs)
 
 

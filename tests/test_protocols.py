@@ -338,6 +338,13 @@ def test_a_studys_theta_figures_show_each_cells_first_run_with_histograms(tmp_pa
                         "preset": "fair", "seed": seed, "config": config.to_dict(),
                         "test_accuracy": 0.5, "test_accuracy_plain": 0.5, "wall_seconds": 1.0,
                         "history": history, "diagnostics": {"images": 7, "edges_deg": edges}})
+    # malformed diagnostics leave their run out (these heads' runs would
+    # otherwise be drawn)
+    for head, diagnostics in (("arcface-easy", {"edges_deg": "5-degree bins"}),
+                              ("arcface-clip", {"edges_deg": [0, None] + edges[2:]}),
+                              ("arcface-mwarm5", "5-degree bins"), ("arcface-swarm2", [1, 2]),
+                              ("combined-1-0.3-0.2", {"edges_deg": edges[::-1]})):
+        records.append(dict(records[1], name=f"cifar10-fair-{head}", diagnostics=diagnostics))
     summary = study.summarize(tmp_path, records=records)
     study.write_summary(tmp_path, summary, records)
     assert drawn == {"cifar10": [("cifar10-fair-arcface", 0), ("cifar10-fair-cosface", 0)]}

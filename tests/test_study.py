@@ -307,8 +307,10 @@ def test_a_run_resumes_from_its_checkpoint_to_the_same_record(tmp_path, shared_d
     for key in ("test_accuracy", "test_accuracy_plain", "theta_hist", "theta_mean_deg",
                 "quality_hist", "sample_predictions"):
         assert resumed[key] == straight[key], key
-    # the earlier epoch's training time is counted
-    assert resumed["wall_seconds"] >= resumed["history"]["seconds"][0]
+    # the earlier process's time up to its epoch is counted (training, evaluation, saving)
+    elapsed = json.loads((folder / runs.ELAPSED).read_text())
+    assert elapsed["epoch"] == 2 and elapsed["wall_seconds"] <= resumed["wall_seconds"]
+    assert resumed["wall_seconds"] > first["wall_seconds"] > first["history"]["seconds"][0]
     # a checkpoint already at the last epoch: nothing left to train, the same record
     again = runs.run_one(_arcface(2, "report"), 0, data, checkpoint_dir=folder, **kw)
     assert again["resumed_after_epoch"] == 2 and again["test_accuracy"] == straight["test_accuracy"]
@@ -318,7 +320,7 @@ def test_a_run_resumes_from_its_checkpoint_to_the_same_record(tmp_path, shared_d
 
 
 @pytest.mark.slow
-def test_a_partial_run_of_other_settings_or_damaged_starts_over(tmp_path, shared_data):
+def test_a_partial_run_of_other_settings_or_damaged_starts_over(tmp_path, shared_data, capsys):
     config = _arcface(1).to_dict()
     folder = tmp_path / "runs" / study.PARTIAL / "mnist-fair-arcface-seed0"
     args = (config, 0, str(shared_data), 256, 1)
@@ -332,8 +334,23 @@ def test_a_partial_run_of_other_settings_or_damaged_starts_over(tmp_path, shared
     other = study.run_task(longer, 1, str(shared_data), 256, 1, checkpoint_dir=str(folder))
     assert "resumed_after_epoch" not in other and other["history"]["epochs"] == [1, 2]
     assert json.loads((folder / "settings.json").read_text())["seed"] == 1
+    assert "discarded its checkpoint (made with other settings)" in capsys.readouterr().err
     # a damaged checkpoint of the right settings: discarded, trained from the start
     (folder / "latest.ckpt").write_bytes(b"not a checkpoint")
     fresh = study.run_task(longer, 1, str(shared_data), 256, 1, checkpoint_dir=str(folder))
     assert "resumed_after_epoch" not in fresh and fresh["test_accuracy"] == other["test_accuracy"]
     assert fresh["metrics"] == other["metrics"]
+    assert "discarded its checkpoint (" in capsys.readouterr().err
+    # a checkpoint beyond the epochs asked for: discarded, the shorter run trained
+    short = study.run_task(config, 1, str(shared_data), 256, 1, checkpoint_dir=str(folder))
+    assert short["history"]["epochs"] == [1] and "resumed_after_epoch" not in short
+    assert "beyond the 1 asked for" in capsys.readouterr().err
+
+
+def test_checkpoints_of_finished_runs_are_removed(tmp_path):
+    runs_dir = tmp_path / "runs"
+    (runs_dir / study.PARTIAL / "a-seed0").mkdir(parents=True)
+    (runs_dir / study.PARTIAL / "b-seed0").mkdir(parents=True)
+    (runs_dir / "a-seed0.json").write_text("{}")
+    study._drop_finished_partials(runs_dir, progress=False)
+    assert sorted(p.name for p in (runs_dir / study.PARTIAL).iterdir()) == ["b-seed0"]
