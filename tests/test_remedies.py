@@ -199,14 +199,23 @@ def test_presets_overrides_names_and_old_records():
         presets.with_overrides(configs, m=3.5)
     with pytest.raises(ValueError, match="h: none of the heads"):
         presets.with_overrides(configs[:3], h=0.5)
-    # every committed study record loads with the defaults and keeps its name and form
+    # every committed study record loads and keeps its name and form; the
+    # grid's (named after their cell alone) with the defaults, the remedies'
+    # named after what they change
     files = sorted((ROOT / "benchmarks" / "study" / "runs").glob("*.json"))
     assert files
+    remedies = 0
     for path in files:
         record = json.loads(path.read_text())
         config = presets.RunConfig.from_dict(record["config"])
         assert config.to_dict() == record["config"] and config.name == record["name"]
-        assert config.margin_warmup == 0 and config.head_config.rule is None
+        preset_run = next((c for c in presets.runs(config.dataset, config.preset, config.epochs)
+                           if c.head == config.head), None)
+        plain = preset_run is not None and preset_run.to_dict() == config.to_dict()
+        assert plain == (config.name == f"{config.dataset}-{config.preset}-{config.head}"), \
+            config.name
+        remedies += not plain
+    assert len(files) - remedies == 64
     tasks = study.plan(["cifar10"], ["fair"], {"cifar10": 3}, 20, ["arcface", "combined"],
                        {"softmax_warmup": 2})
     assert [t[0] for t in tasks[:2]] == ["cifar10-fair-arcface-swarm2-seed0",
