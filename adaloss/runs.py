@@ -293,21 +293,21 @@ def run_one(config: RunConfig, seed: int, data: datasets.Dataset, progress: bool
     n_diag = min(DIAGNOSTIC_IMAGES, len(data.test_labels))
     diagnostics = (data.test_images[:n_diag], data.test_labels[:n_diag])
     t0 = time.perf_counter()
-    per_epoch, eval_seconds, first_epoch, earlier = [], [0.0], [], [0.0]
+    per_epoch, eval_seconds = [], [0.0]
     before = _read_elapsed(checkpoint_dir)
+    # epochs trained before this call (from a checkpoint) and their wall time
+    resumed: dict = {}
 
-    def time_before(resumed: int, history) -> float:
-        """The wall time of the epochs trained before this call."""
-        if before.get("epoch") == resumed:
-            return before["wall_seconds"]
-        return float(sum(history.seconds[:resumed]))
+    def note_resumed(epochs: int, history) -> None:
+        seconds = before["wall_seconds"] if before.get("epoch") == epochs \
+            else float(sum(history.seconds[:epochs]))
+        resumed.update(epochs=epochs, seconds=seconds)
 
     def after_epoch(epoch: int, history) -> None:
-        if not first_epoch:
-            first_epoch.append(epoch)     # 1-based: the first epoch this call trained
-            earlier[0] = time_before(epoch - 1, history)
+        if not resumed:                   # the first epoch this call trained (1-based)
+            note_resumed(epoch - 1, history)
         if checkpoint_dir is not None:
-            wall = earlier[0] + time.perf_counter() - t0 - eval_seconds[0]
+            wall = resumed["seconds"] + time.perf_counter() - t0 - eval_seconds[0]
             fileio.atomic_write(Path(checkpoint_dir) / ELAPSED, json.dumps(
                 {"epoch": epoch, "wall_seconds": wall}).encode())
         if not metrics_every_epoch:
@@ -323,9 +323,9 @@ def run_one(config: RunConfig, seed: int, data: datasets.Dataset, progress: bool
                            progress=progress, margin_warmup=config.margin_warmup,
                            softmax_warmup=config.softmax_warmup, diagnostics=diagnostics,
                            callback=after_epoch, checkpoint_dir=checkpoint_dir)
-    # epochs trained before a resume: all of them when the checkpoint was final
-    resumed = (first_epoch[0] - 1) if first_epoch else len(history.epochs)
-    wall = time.perf_counter() - t0 - eval_seconds[0] + time_before(resumed, history)
+    if not resumed:                       # the checkpoint was final: nothing left to train
+        note_resumed(len(history.epochs), history)
+    wall = time.perf_counter() - t0 - eval_seconds[0] + resumed["seconds"]
     stats = training.margin_stats(trainer.net, trainer.head, data.test_images, data.test_labels)
     rng = np.random.default_rng(seed)
     sample = np.sort(rng.choice(len(data.test_labels), size=min(10, len(data.test_labels)),
@@ -348,8 +348,8 @@ def run_one(config: RunConfig, seed: int, data: datasets.Dataset, progress: bool
         "diagnostics": {"images": n_diag, "edges_deg": list(training.THETA_EDGES_DEG)},
     }
     record["protocol"] = config.protocol
-    if resumed:
-        record["resumed_after_epoch"] = resumed
+    if resumed["epochs"]:
+        record["resumed_after_epoch"] = resumed["epochs"]
     if seen is not None:
         record["classes"] = {"seen": seen, "unseen": unseen}
     if metrics_every_epoch:

@@ -145,6 +145,12 @@ def _peak(r: dict) -> tuple[float, int]:
     return 100 * acc[i], r["history"]["epochs"][i]
 
 
+def _share(counts: list, edges: list, lo: float, hi: float) -> float:
+    """% of a histogram's counts in the bins within [lo, hi)."""
+    inside = sum(c for c, e0, e1 in zip(counts, edges, edges[1:]) if e0 >= lo and e1 <= hi)
+    return 100 * inside / sum(counts)
+
+
 def _theta_share(r: dict, lo: float, hi: float = 180.0) -> float:
     """% of the test set whose angle to its own class weight is in [lo, hi)."""
     h = r.get("theta_hist") or {}
@@ -152,8 +158,7 @@ def _theta_share(r: dict, lo: float, hi: float = 180.0) -> float:
     if not counts or lo not in edges or hi not in edges:
         raise FindingsError(f"run {r.get('name')}: theta_share needs bounds on the angle "
                             f"histogram's bin edges (every 2°), got {lo:g} and {hi:g}")
-    inside = sum(c for c, e0, e1 in zip(counts, edges, edges[1:]) if e0 >= lo and e1 <= hi)
-    return 100 * inside / sum(counts)
+    return _share(counts, edges, lo, hi)
 
 
 RUN_FIELDS = {
@@ -178,7 +183,12 @@ def _run(study: dict, name: str) -> dict:
         if len(runs) != 1:
             raise FindingsError(f"run {name}: expected one run in {path}, found {len(runs)}")
         return runs[0]
-    path = study["dir"] / "runs" / f"{name}.json"
+    return _record(study["dir"] / "runs", name)
+
+
+def _record(runs_dir: Path, name: str) -> dict:
+    """The run record runs_dir/NAME.json."""
+    path = Path(runs_dir) / f"{name}.json"
     if not path.exists():
         raise FindingsError(f"run {name}: {path} does not exist")
     return json.loads(path.read_text())
@@ -359,8 +369,7 @@ def _history_trapped(counts: list, edges=None) -> float:
                             f"{len(edges) - 1} with an edge at {TRAPPED_DEG:g}°")
     if sum(counts) <= 0:
         raise FindingsError("a per-epoch θ_y histogram with no images")
-    first = edges.index(TRAPPED_DEG)
-    return 100 * sum(counts[first:]) / sum(counts)
+    return _share(counts, edges, TRAPPED_DEG, edges[-1])
 
 
 def _epoch_trapped(record: dict, epoch: int) -> float:
@@ -375,13 +384,7 @@ def _epoch_trapped(record: dict, epoch: int) -> float:
 
 def remedy_runs(runs_dir: Path, dataset: str, preset: str, head: str, seeds: list) -> list:
     """The run records of one cell, in its seeds' order."""
-    out = []
-    for seed in seeds:
-        path = Path(runs_dir) / f"{dataset}-{preset}-{head}-seed{seed}.json"
-        if not path.exists():
-            raise FindingsError(f"cell {dataset} {preset} {head}: {path} does not exist")
-        out.append(json.loads(path.read_text()))
-    return out
+    return [_record(runs_dir, f"{dataset}-{preset}-{head}-seed{seed}") for seed in seeds]
 
 
 def table_remedies(summary: dict, dataset: str, runs_dir: Path) -> str:
