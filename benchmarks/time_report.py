@@ -11,15 +11,22 @@ epoch), on the same machine, one after the other.
         --subset 2000 --epochs 1                                          # a check
 
 Nothing else may run meanwhile (a run this long cannot be interleaved: say
-what else ran). Prints a Markdown table and writes the times, the CPU model
-and the settings to benchmarks/results/report-time-DATE-HOST.json (--json to
-choose; the file is never overwritten).
+what else ran). It runs in pieces, each timed on its own: per data set the
+adaloss command, then each PyTorch training. Every finished piece is saved at
+once in a state file (--state; default benchmarks/results/report-time.partial.json,
+not committed) with the load average before and after it, so a stopped run
+continues with the next piece when the same command is given again (a piece
+cut short is timed again whole). When all are done it prints a Markdown table
+and writes the times, the CPU model and the settings to
+benchmarks/results/report-time-DATE.json (--json to choose; never
+overwritten).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -50,26 +57,56 @@ def time_adaloss(dataset: str, args, out: Path) -> float:
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     seconds = time.perf_counter() - t0
+    shutil.rmtree(out, ignore_errors=True)
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
     return seconds
 
 
-def time_torch(dataset: str, args) -> dict:
-    """Wall seconds of the report's experiments on `dataset` in PyTorch:
-    {head: seconds}, data loading excluded (adaloss's includes it: a few s)."""
-    import torch
-
-    torch.set_num_threads(args.threads)
+def torch_data(dataset: str, args):
     data = runs.load_data(dataset, args.data_root)
     if args.subset:   # as reproduce --subset picks
         data = adaloss.datasets.subset(data, args.subset, max(10, args.subset // 5))
-    out = {}
-    for config in presets.runs(dataset, "report", args.epochs):
-        t0 = time.perf_counter()
-        torch_curve(torch, config, 0, data, config.epochs)
-        out[config.head] = time.perf_counter() - t0
-    return out
+    return data
+
+
+def time_torch(config, data, args) -> float:
+    """Wall seconds of one of the report's experiments in PyTorch (data
+    loading excluded; adaloss's includes it: a few s)."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    torch_curve(torch, config, 0, data, config.epochs)
+    return time.perf_counter() - t0
+
+
+def load_state(path: Path, settings: dict) -> dict:
+    """The pieces already timed under these settings ({} for a new run)."""
+    if not path.exists():
+        return {}
+    try:
+        state = json.loads(path.read_text())
+        pieces = state["pieces"]
+        if not isinstance(pieces, dict) or not all(
+                isinstance(p, dict) and isinstance(p.get("seconds"), (int, float))
+                for p in pieces.values()):
+            raise ValueError("malformed pieces")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SystemExit(f"--state {path}: not a state file of this script ({e}); "
+                         "move it away to start over")
+    if state.get("settings") != settings:
+        raise SystemExit(f"--state {path}: made with other settings "
+                         f"({state.get('settings')}, now {settings}); move it away to "
+                         "start over or give another --state")
+    return pieces
+
+
+def save_json(path: Path, obj: dict) -> None:
+    """Write whole or not at all."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1) + "\n")
+    os.replace(tmp, path)
 
 
 def main(argv=None) -> int:
@@ -81,19 +118,50 @@ def main(argv=None) -> int:
     ap.add_argument("--epochs", type=int, default=None, help="default: the report's")
     ap.add_argument("--datasets", default="mnist,cifar10")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--state", type=Path, default=HERE / "results" / "report-time.partial.json",
+                    help="where finished pieces are kept between runs")
+    ap.add_argument("--max-pieces", type=int, default=None, metavar="N",
+                    help="stop after timing N more pieces (the rest at the next run)")
     args = ap.parse_args(argv)
     datasets = args.datasets.split(",")
+    import torch
+
+    settings = {"cpu": cpu_model(), "adaloss": adaloss.__version__, "torch": torch.__version__,
+                "threads": args.threads, "subset": args.subset, "epochs": args.epochs,
+                "datasets": datasets}
+    pieces = load_state(args.state, settings)
+    todo = [p for d in datasets for p in
+            [(d, "adaloss", None)] + [(d, "torch", c) for c in presets.runs(d, "report", args.epochs)]]
+    timed = 0
+    for dataset, system, config in todo:
+        key = f"{dataset}/{system}" + (f"/{config.head}" if config else "")
+        if key in pieces:
+            continue
+        if args.max_pieces is not None and timed >= args.max_pieces:
+            print(f"stopped after {timed} pieces; the same command continues", file=sys.stderr)
+            return 0
+        load_before = os.getloadavg()
+        started = time.strftime("%Y-%m-%d %H:%M:%S")
+        with tempfile.TemporaryDirectory() as tmp:
+            if config is None:
+                seconds = time_adaloss(dataset, args, Path(tmp) / dataset)
+            else:
+                seconds = time_torch(config, torch_data(dataset, args), args)
+        pieces[key] = {"seconds": seconds, "started": started,
+                       "loadavg_before": load_before, "loadavg_after": os.getloadavg()}
+        save_json(args.state, {"settings": settings, "pieces": pieces})
+        timed += 1
+        print(f"{key}: {seconds:.0f} s", file=sys.stderr, flush=True)
+
     rows, total_a, total_t = [], 0.0, 0.0
-    with tempfile.TemporaryDirectory() as tmp:
-        for dataset in datasets:
-            a = time_adaloss(dataset, args, Path(tmp) / dataset)
-            t = time_torch(dataset, args)
-            rows.append({"dataset": dataset, "adaloss_seconds": a, "torch_seconds": t,
-                         "ratio": sum(t.values()) / a})
-            total_a += a
-            total_t += sum(t.values())
-            print(f"{dataset}: adaloss {a:.0f} s, PyTorch {sum(t.values()):.0f} s",
-                  file=sys.stderr, flush=True)
+    for dataset in datasets:
+        a = pieces[f"{dataset}/adaloss"]["seconds"]
+        t = {k.rsplit("/", 1)[1]: p["seconds"] for k, p in pieces.items()
+             if k.startswith(f"{dataset}/torch/")}
+        rows.append({"dataset": dataset, "adaloss_seconds": a, "torch_seconds": t,
+                     "ratio": sum(t.values()) / a})
+        total_a += a
+        total_t += sum(t.values())
     print("| data set | adaloss reproduce (s) | PyTorch, the report's scripts (s) | ratio |")
     print("|---|---|---|---|")
     for r in rows:
@@ -103,18 +171,16 @@ def main(argv=None) -> int:
               f"{r['ratio']:.2f} |")
     print(f"| both | {total_a:.0f} ({total_a / 60:.1f} min) | {total_t:.0f} "
           f"({total_t / 60:.1f} min) | {total_t / total_a:.2f} |")
-    import torch
-
-    result = {"created": time.strftime("%Y-%m-%d %H:%M"), "cpu": cpu_model(),
-              "adaloss": adaloss.__version__, "torch": torch.__version__,
-              "threads": args.threads, "subset": args.subset, "epochs": args.epochs,
-              "rows": rows, "adaloss_total_seconds": total_a, "torch_total_seconds": total_t}
+    result = {"created": time.strftime("%Y-%m-%d %H:%M"), **settings, "rows": rows,
+              "pieces": pieces, "adaloss_total_seconds": total_a,
+              "torch_total_seconds": total_t}
     path = args.json or fresh_path(HERE / "results", f"report-time-{time.strftime('%Y-%m-%d')}")
     if args.subset or args.epochs:
         print(f"(a check with --subset/--epochs: not written to {path})", file=sys.stderr)
-        return 0
-    path.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {path}", file=sys.stderr)
+    else:
+        save_json(path, result)
+        print(f"wrote {path}", file=sys.stderr)
+    args.state.unlink()
     return 0
 
 
