@@ -1,7 +1,10 @@
 """Where the benchmarks write their results, and what machine they ran on."""
 from __future__ import annotations
 
+import json
+import os
 import platform
+import re
 from pathlib import Path
 
 
@@ -27,3 +30,32 @@ def cpu_model() -> str:
                   if line.startswith("flags")), [])
     return name + (" with AVX-512" if "avx512f" in flags else " with AVX2" if "avx2" in flags
                    else "")
+
+
+SPEED_DOC = Path(__file__).resolve().parents[1] / "docs" / "speed.md"
+
+
+def block_re(tag: str) -> re.Pattern:
+    """A generated block of a doc: ``<!-- TAG:FILE -->`` ... ``<!-- /TAG -->``,
+    FILE naming the results file it is made from."""
+    return re.compile(rf"(<!-- {tag}:(?P<file>[\w.\-]+) -->\n)(?P<body>.*?)(<!-- /{tag} -->)", re.S)
+
+
+def fill_blocks(text: str, tag: str, render, results_dir: Path) -> str:
+    """text with every TAG block remade by render(results as a dict)."""
+    def one(m):
+        path = results_dir / m["file"]
+        if not path.exists():
+            raise SystemExit(f"docs: a {tag} block names {m['file']}, which is not in "
+                             f"{results_dir}")
+        return m[1] + render(json.loads(path.read_text())) + "\n" + m[4]
+    return block_re(tag).sub(one, text)
+
+
+def write_doc(path: Path, text: str) -> None:
+    """Replace a doc whole or not at all (unchanged text: not touched)."""
+    if path.read_text(encoding="utf-8") == text:
+        return
+    tmp = path.with_name(f".{path.name}.new")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)

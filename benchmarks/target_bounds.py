@@ -21,16 +21,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from results_io import SPEED_DOC, block_re, fill_blocks, write_doc  # noqa: E402
+
 RESULTS = ROOT / "benchmarks" / "results"
-SPEED_DOC = ROOT / "docs" / "speed.md"
-BLOCK_RE = re.compile(r"(<!-- bounds:(?P<file>[\w.\-]+) -->\n)(?P<body>.*?)(<!-- /bounds -->)",
-                      re.S)
+BLOCK_RE = block_re("bounds")
 
 
 def bench_train():
@@ -100,13 +100,7 @@ def latest_result() -> Path:
 
 def fill(text: str, bench, results_dir: Path = RESULTS) -> str:
     """text with every bounds block recomputed from the results file it names."""
-    def one(m):
-        path = results_dir / m["file"]
-        if not path.exists():
-            raise SystemExit(f"docs: a bounds block names {m['file']}, which is not in "
-                             f"{results_dir}")
-        return m[1] + table(json.loads(path.read_text()), bench) + "\n" + m[4]
-    return BLOCK_RE.sub(one, text)
+    return fill_blocks(text, "bounds", lambda result: table(result, bench), results_dir)
 
 
 def main(argv=None) -> int:
@@ -121,12 +115,7 @@ def main(argv=None) -> int:
         if args.results is not None:
             parser.error("--write recomputes the tables from the results files docs/speed.md "
                          "names; give no RESULTS_JSON with it")
-        text = SPEED_DOC.read_text(encoding="utf-8")
-        new = fill(text, bench)
-        if new != text:
-            tmp = SPEED_DOC.with_name(f".{SPEED_DOC.name}.new")
-            tmp.write_text(new, encoding="utf-8")
-            os.replace(tmp, SPEED_DOC)
+        write_doc(SPEED_DOC, fill(SPEED_DOC.read_text(encoding="utf-8"), bench))
         return 0
     path = args.results or latest_result()
     print(f"{path.name}:\n")

@@ -9,6 +9,7 @@ epoch), on the same machine, one after the other.
     python benchmarks/time_report.py --data-root "$ADALOSS_DATA"          # ~2.5 h
     python benchmarks/time_report.py --data-root "$ADALOSS_DATA" \\
         --subset 2000 --epochs 1                                          # a check
+    python benchmarks/time_report.py --write        # docs/speed.md's tables
 
 Nothing else may run meanwhile (a run this long cannot be interleaved: say
 what else ran). It runs in pieces, each timed on its own: per data set the
@@ -37,7 +38,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 sys.path.insert(0, str(HERE))
 
-from results_io import cpu_model, fresh_path  # noqa: E402
+from results_io import SPEED_DOC, cpu_model, fill_blocks, fresh_path, write_doc  # noqa: E402
 from torch_replica import torch_curve  # noqa: E402
 
 import adaloss  # noqa: E402
@@ -109,6 +110,40 @@ def save_json(path: Path, obj: dict) -> None:
     os.replace(tmp, path)
 
 
+def summary(pieces: dict, datasets: list) -> dict:
+    """Per data set the adaloss command's seconds, each PyTorch training's and
+    their ratio (PyTorch over adaloss: above 1, adaloss is faster); totals."""
+    rows = []
+    for dataset in datasets:
+        torch_s = {k.rsplit("/", 1)[1]: p["seconds"] for k, p in pieces.items()
+                   if k.startswith(f"{dataset}/torch/")}
+        a = pieces[f"{dataset}/adaloss"]["seconds"]
+        rows.append({"dataset": dataset, "adaloss_seconds": a, "torch_seconds": torch_s,
+                     "ratio": sum(torch_s.values()) / a})
+    total_a = sum(r["adaloss_seconds"] for r in rows)
+    total_t = sum(sum(r["torch_seconds"].values()) for r in rows)
+    return {"rows": rows, "adaloss_total_seconds": total_a, "torch_total_seconds": total_t}
+
+
+def table(result: dict) -> str:
+    lines = ["| data set | adaloss reproduce (s) | PyTorch, the report's scripts (s) | "
+             "PyTorch / adaloss |", "|---|---|---|---|"]
+    for r in result["rows"]:
+        torch_s = sum(r["torch_seconds"].values())
+        lines.append(f"| {r['dataset']} | {r['adaloss_seconds']:.0f} | {torch_s:.0f} ("
+                     + ", ".join(f"{h} {s:.0f}" for h, s in r["torch_seconds"].items())
+                     + f") | {r['ratio']:.2f} |")
+    a, t = result["adaloss_total_seconds"], result["torch_total_seconds"]
+    lines.append(f"| both | {a:.0f} ({a / 60:.1f} min) | {t:.0f} ({t / 60:.1f} min) | "
+                 f"{t / a:.2f} |")
+    return "\n".join(lines)
+
+
+def fill(text: str, results_dir: Path = HERE / "results") -> str:
+    """text with every report-time block remade from the results file it names."""
+    return fill_blocks(text, "report-time", table, results_dir)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data-root", default=os.environ.get("ADALOSS_DATA"))
@@ -122,7 +157,13 @@ def main(argv=None) -> int:
                     help="where finished pieces are kept between runs")
     ap.add_argument("--max-pieces", type=int, default=None, metavar="N",
                     help="stop after timing N more pieces (the rest at the next run)")
+    ap.add_argument("--write", action="store_true",
+                    help="remake the report-time tables of docs/speed.md from the results "
+                    "files they name, and time nothing")
     args = ap.parse_args(argv)
+    if args.write:
+        write_doc(SPEED_DOC, fill(SPEED_DOC.read_text(encoding="utf-8")))
+        return 0
     datasets = args.datasets.split(",")
     import torch
 
@@ -153,27 +194,9 @@ def main(argv=None) -> int:
         timed += 1
         print(f"{key}: {seconds:.0f} s", file=sys.stderr, flush=True)
 
-    rows, total_a, total_t = [], 0.0, 0.0
-    for dataset in datasets:
-        a = pieces[f"{dataset}/adaloss"]["seconds"]
-        t = {k.rsplit("/", 1)[1]: p["seconds"] for k, p in pieces.items()
-             if k.startswith(f"{dataset}/torch/")}
-        rows.append({"dataset": dataset, "adaloss_seconds": a, "torch_seconds": t,
-                     "ratio": sum(t.values()) / a})
-        total_a += a
-        total_t += sum(t.values())
-    print("| data set | adaloss reproduce (s) | PyTorch, the report's scripts (s) | ratio |")
-    print("|---|---|---|---|")
-    for r in rows:
-        torch_s = sum(r["torch_seconds"].values())
-        print(f"| {r['dataset']} | {r['adaloss_seconds']:.0f} | {torch_s:.0f} "
-              f"({', '.join(f'{h} {s:.0f}' for h, s in r['torch_seconds'].items())}) | "
-              f"{r['ratio']:.2f} |")
-    print(f"| both | {total_a:.0f} ({total_a / 60:.1f} min) | {total_t:.0f} "
-          f"({total_t / 60:.1f} min) | {total_t / total_a:.2f} |")
-    result = {"created": time.strftime("%Y-%m-%d %H:%M"), **settings, "rows": rows,
-              "pieces": pieces, "adaloss_total_seconds": total_a,
-              "torch_total_seconds": total_t}
+    result = {"created": time.strftime("%Y-%m-%d %H:%M"), **settings,
+              **summary(pieces, datasets), "pieces": pieces}
+    print(table(result))
     path = args.json or fresh_path(HERE / "results", f"report-time-{time.strftime('%Y-%m-%d')}")
     if args.subset or args.epochs:
         print(f"(a check with --subset/--epochs: not written to {path})", file=sys.stderr)

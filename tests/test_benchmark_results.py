@@ -1,4 +1,8 @@
 """The benchmarks never overwrite an earlier results file."""
+import json
+
+import pytest
+
 from reference import benchmark_module
 
 
@@ -49,3 +53,76 @@ def test_the_target_bounds_follow_the_measured_rates(monkeypatch):
     assert abs(row["torch_train"] - 20.0) < 1e-9 and abs(row["ours_train"] - 40.0) < 1e-9
     assert abs(row["need_train_1.8"] - 36.0) < 1e-9 and abs(row["need_train_1.3"] - 26.0) < 1e-9
     assert abs(row["need_eval_2"] - 2 * row["torch_eval"]) < 1e-9
+
+
+def _fake_timings(monkeypatch, report, calls):
+    """time_report with its timers replaced: each piece takes 10 s (adaloss) or
+    20 s (a PyTorch training) and is recorded in calls."""
+    def fake_adaloss(dataset, args, out):
+        calls.append(f"{dataset}/adaloss")
+        return 10.0
+
+    def fake_torch(config, data, args):
+        calls.append(f"{config.dataset}/torch/{config.head}")
+        return 20.0
+
+    monkeypatch.setattr(report, "time_adaloss", fake_adaloss)
+    monkeypatch.setattr(report, "time_torch", fake_torch)
+    monkeypatch.setattr(report, "torch_data", lambda dataset, args: None)
+
+
+def test_the_report_timing_continues_where_it_stopped(tmp_path, monkeypatch):
+    report = benchmark_module("time_report")
+    calls = []
+    _fake_timings(monkeypatch, report, calls)
+    state, out = tmp_path / "state.json", tmp_path / "result.json"
+    argv = ["--data-root", str(tmp_path), "--state", str(state), "--json", str(out)]
+    assert report.main(argv + ["--max-pieces", "2"]) == 0
+    assert calls == ["mnist/adaloss", "mnist/torch/arcface"]
+    assert state.exists() and not out.exists()
+    assert report.main(argv) == 0        # the same command: the four pieces left
+    assert calls[2:] == ["mnist/torch/adaface", "cifar10/adaloss", "cifar10/torch/arcface",
+                         "cifar10/torch/adaface"]
+    assert not state.exists()
+    result = json.loads(out.read_text())
+    assert [r["dataset"] for r in result["rows"]] == ["mnist", "cifar10"]
+    assert all(r["adaloss_seconds"] == 10.0 and r["ratio"] == 4.0 for r in result["rows"])
+    assert result["adaloss_total_seconds"] == 20.0 and result["torch_total_seconds"] == 80.0
+    assert len(result["pieces"]) == 6 and result["threads"] == 2
+    table = report.table(result)
+    assert "| both | 20 (0.3 min) | 80 (1.3 min) | 4.00 |" in table
+
+
+def test_the_report_timing_refuses_a_state_of_other_settings_or_damaged(tmp_path, monkeypatch):
+    report = benchmark_module("time_report")
+    calls = []
+    _fake_timings(monkeypatch, report, calls)
+    state = tmp_path / "state.json"
+    argv = ["--data-root", str(tmp_path), "--state", str(state), "--json",
+            str(tmp_path / "r.json")]
+    assert report.main(argv + ["--max-pieces", "1"]) == 0
+    with pytest.raises(SystemExit, match=r"--state .*state\.json: made with other settings"):
+        report.main(argv + ["--threads", "1"])
+    for damaged in ["{", '{"settings": {}}', '{"settings": {}, "pieces": {"a": {"seconds": "x"}}}']:
+        state.write_text(damaged)
+        with pytest.raises(SystemExit, match=r"--state .*state\.json: not a state file"):
+            report.main(argv)
+    assert calls == ["mnist/adaloss"]
+
+
+def test_the_report_time_tables_follow_their_results(tmp_path):
+    report = benchmark_module("time_report")
+    text = report.SPEED_DOC.read_text(encoding="utf-8")
+    assert report.fill(text) == text, \
+        "docs/speed.md: a report-time table is stale; run python benchmarks/time_report.py --write"
+    result = {"rows": [{"dataset": "mnist", "adaloss_seconds": 100.0,
+                        "torch_seconds": {"arcface": 60.0, "adaface": 90.0}, "ratio": 1.5}],
+              "adaloss_total_seconds": 100.0, "torch_total_seconds": 150.0}
+    (tmp_path / "report-time-x.json").write_text(json.dumps(result))
+    doc = "a\n<!-- report-time:report-time-x.json -->\nold\n<!-- /report-time -->\nb\n"
+    new = report.fill(doc, tmp_path)
+    assert "| mnist | 100 | 150 (arcface 60, adaface 90) | 1.50 |" in new
+    assert new.startswith("a\n<!-- report-time:report-time-x.json -->\n| data set")
+    assert new.endswith("|\n<!-- /report-time -->\nb\n") and report.fill(new, tmp_path) == new
+    with pytest.raises(SystemExit, match="names report-time-y.json"):
+        report.fill(doc.replace("-x.json", "-y.json"), tmp_path)
