@@ -110,32 +110,56 @@ def save_json(path: Path, obj: dict) -> None:
     os.replace(tmp, path)
 
 
-def summary(pieces: dict, datasets: list) -> dict:
+def plan(datasets: list, epochs) -> list:
+    """The pieces, in the order they run: (key, dataset, RunConfig or None for
+    the adaloss command)."""
+    out = []
+    for d in datasets:
+        out.append((f"{d}/adaloss", d, None))
+        out += [(f"{d}/torch/{c.head}", d, c) for c in presets.runs(d, "report", epochs)]
+    return out
+
+
+def summary(pieces: dict, datasets: list, epochs=None) -> dict:
     """Per data set the adaloss command's seconds, each PyTorch training's and
-    their ratio (PyTorch over adaloss: above 1, adaloss is faster); totals."""
+    their ratio (PyTorch over adaloss: above 1, adaloss is faster), None where
+    a piece is not timed yet; the totals once every piece is."""
     rows = []
     for dataset in datasets:
-        torch_s = {k.rsplit("/", 1)[1]: p["seconds"] for k, p in pieces.items()
-                   if k.startswith(f"{dataset}/torch/")}
-        a = pieces[f"{dataset}/adaloss"]["seconds"]
-        rows.append({"dataset": dataset, "adaloss_seconds": a, "torch_seconds": torch_s,
-                     "ratio": sum(torch_s.values()) / a})
-    total_a = sum(r["adaloss_seconds"] for r in rows)
-    total_t = sum(sum(r["torch_seconds"].values()) for r in rows)
-    return {"rows": rows, "adaloss_total_seconds": total_a, "torch_total_seconds": total_t}
+        heads = [c.head for c in presets.runs(dataset, "report", epochs)]
+        done = {h: pieces[f"{dataset}/torch/{h}"]["seconds"] for h in heads
+                if f"{dataset}/torch/{h}" in pieces}
+        a = pieces.get(f"{dataset}/adaloss", {}).get("seconds")
+        whole = len(done) == len(heads)
+        rows.append({"dataset": dataset, "adaloss_seconds": a, "torch_seconds": done,
+                     "ratio": sum(done.values()) / a if whole and a else None})
+    complete = [r for r in rows if r["ratio"] is not None]
+    out = {"rows": rows, "adaloss_total_seconds": None, "torch_total_seconds": None}
+    if len(complete) == len(rows):
+        out["adaloss_total_seconds"] = sum(r["adaloss_seconds"] for r in rows)
+        out["torch_total_seconds"] = sum(sum(r["torch_seconds"].values()) for r in rows)
+    return out
 
 
 def table(result: dict) -> str:
+    """The Markdown table of a results file or of a state file (pieces so far)."""
+    settings = result.get("settings", result)
+    s = summary(result["pieces"], settings["datasets"], settings.get("epochs"))
     lines = ["| data set | adaloss reproduce (s) | PyTorch, the report's scripts (s) | "
              "PyTorch / adaloss |", "|---|---|---|---|"]
-    for r in result["rows"]:
-        torch_s = sum(r["torch_seconds"].values())
-        lines.append(f"| {r['dataset']} | {r['adaloss_seconds']:.0f} | {torch_s:.0f} ("
-                     + ", ".join(f"{h} {s:.0f}" for h, s in r["torch_seconds"].items())
-                     + f") | {r['ratio']:.2f} |")
-    a, t = result["adaloss_total_seconds"], result["torch_total_seconds"]
-    lines.append(f"| both | {a:.0f} ({a / 60:.1f} min) | {t:.0f} ({t / 60:.1f} min) | "
-                 f"{t / a:.2f} |")
+    for r in s["rows"]:
+        a = "not yet timed" if r["adaloss_seconds"] is None else f"{r['adaloss_seconds']:.0f}"
+        t = ", ".join(f"{h} {sec:.0f}" for h, sec in r["torch_seconds"].items())
+        if r["ratio"] is not None:
+            t = f"{sum(r['torch_seconds'].values()):.0f} ({t})"
+        else:
+            t = f"not all timed ({t})" if t else "not yet timed"
+        lines.append(f"| {r['dataset']} | {a} | {t} | "
+                     + ("—" if r["ratio"] is None else f"{r['ratio']:.2f}") + " |")
+    a, t = s["adaloss_total_seconds"], s["torch_total_seconds"]
+    if a is not None:
+        lines.append(f"| both | {a:.0f} ({a / 60:.1f} min) | {t:.0f} ({t / 60:.1f} min) | "
+                     f"{t / a:.2f} |")
     return "\n".join(lines)
 
 
@@ -165,17 +189,21 @@ def main(argv=None) -> int:
         write_doc(SPEED_DOC, fill(SPEED_DOC.read_text(encoding="utf-8")))
         return 0
     datasets = args.datasets.split(",")
+    if args.threads < 1:
+        ap.error(f"--threads: expected at least 1, got {args.threads}")
+    if args.max_pieces is not None and args.max_pieces < 0:
+        ap.error(f"--max-pieces: expected a count >= 0, got {args.max_pieces}")
+    unknown = [d for d in datasets if d not in ("mnist", "cifar10")]
+    if unknown or len(set(datasets)) != len(datasets):
+        ap.error(f"--datasets: expected mnist and/or cifar10 once each, got {args.datasets!r}")
     import torch
 
     settings = {"cpu": cpu_model(), "adaloss": adaloss.__version__, "torch": torch.__version__,
                 "threads": args.threads, "subset": args.subset, "epochs": args.epochs,
                 "datasets": datasets}
     pieces = load_state(args.state, settings)
-    todo = [p for d in datasets for p in
-            [(d, "adaloss", None)] + [(d, "torch", c) for c in presets.runs(d, "report", args.epochs)]]
     timed = 0
-    for dataset, system, config in todo:
-        key = f"{dataset}/{system}" + (f"/{config.head}" if config else "")
+    for key, dataset, config in plan(datasets, args.epochs):
         if key in pieces:
             continue
         if args.max_pieces is not None and timed >= args.max_pieces:
@@ -195,7 +223,7 @@ def main(argv=None) -> int:
         print(f"{key}: {seconds:.0f} s", file=sys.stderr, flush=True)
 
     result = {"created": time.strftime("%Y-%m-%d %H:%M"), **settings,
-              **summary(pieces, datasets), "pieces": pieces}
+              **summary(pieces, datasets, args.epochs), "pieces": pieces}
     print(table(result))
     path = args.json or fresh_path(HERE / "results", f"report-time-{time.strftime('%Y-%m-%d')}")
     if args.subset or args.epochs:

@@ -115,14 +115,39 @@ def test_the_report_time_tables_follow_their_results(tmp_path):
     text = report.SPEED_DOC.read_text(encoding="utf-8")
     assert report.fill(text) == text, \
         "docs/speed.md: a report-time table is stale; run python benchmarks/time_report.py --write"
-    result = {"rows": [{"dataset": "mnist", "adaloss_seconds": 100.0,
-                        "torch_seconds": {"arcface": 60.0, "adaface": 90.0}, "ratio": 1.5}],
-              "adaloss_total_seconds": 100.0, "torch_total_seconds": 150.0}
+    def piece(seconds):
+        return {"seconds": seconds, "started": "2026-12-01 15:00:00"}
+
+    result = {"datasets": ["mnist"], "epochs": None,
+              "pieces": {"mnist/adaloss": piece(100.0), "mnist/torch/arcface": piece(60.0),
+                         "mnist/torch/adaface": piece(90.0)}}
     (tmp_path / "report-time-x.json").write_text(json.dumps(result))
     doc = "a\n<!-- report-time:report-time-x.json -->\nold\n<!-- /report-time -->\nb\n"
     new = report.fill(doc, tmp_path)
     assert "| mnist | 100 | 150 (arcface 60, adaface 90) | 1.50 |" in new
+    assert "| both | 100 (1.7 min) | 150 (2.5 min) | 1.50 |" in new
     assert new.startswith("a\n<!-- report-time:report-time-x.json -->\n| data set")
     assert new.endswith("|\n<!-- /report-time -->\nb\n") and report.fill(new, tmp_path) == new
     with pytest.raises(SystemExit, match="names report-time-y.json"):
         report.fill(doc.replace("-x.json", "-y.json"), tmp_path)
+    # a state file, pieces still to time: their cells say so, no ratio, no totals
+    state = {"settings": {"datasets": ["mnist", "cifar10"], "epochs": None},
+             "pieces": {"mnist/adaloss": piece(100.0), "mnist/torch/arcface": piece(60.0),
+                        "cifar10/adaloss": piece(400.0)}}
+    lines = report.table(state).splitlines()
+    assert lines[2:] == ["| mnist | 100 | not all timed (arcface 60) | — |",
+                         "| cifar10 | 400 | not yet timed | — |"]
+
+
+@pytest.mark.parametrize("bad, message", [(["--threads", "0"], "--threads: expected at least 1"),
+                                          (["--max-pieces", "-1"], "--max-pieces: expected"),
+                                          (["--datasets", "mnist,svhn"], "--datasets: expected"),
+                                          (["--datasets", "mnist,mnist"], "--datasets: expected")])
+def test_the_report_timing_names_a_bad_argument(tmp_path, monkeypatch, capsys, bad, message):
+    report = benchmark_module("time_report")
+    calls = []
+    _fake_timings(monkeypatch, report, calls)
+    with pytest.raises(SystemExit):
+        report.main(["--state", str(tmp_path / "s.json")] + bad)
+    assert message in capsys.readouterr().err and calls == []
+    assert not (tmp_path / "s.json").exists()
