@@ -429,11 +429,15 @@ def _discard(folder: Path, why: str) -> None:
 def _prepare_partial(folder: Path, settings: dict) -> None:
     """Keep `folder`'s checkpoint only if it was made with `settings`; else
     (another configuration, a settings file missing or unreadable) start the
-    run over, with a message."""
-    path = folder / "settings.json"
+    run over, with a message. A checkpoint that is not a file (damaged by
+    hand) goes too: the run would fail on it at every start."""
+    path, latest = folder / "settings.json", folder / checkpoint.LATEST
     try:
         same = json.loads(path.read_text(encoding="utf-8")) == settings
     except (OSError, ValueError):
+        same = False
+    if same and latest.exists() and not latest.is_file():
+        _discard(folder, f"its {checkpoint.LATEST} is not a file")
         same = False
     if not same:
         _discard(folder, "made with other settings" if path.exists() else "no settings.json")
@@ -624,14 +628,16 @@ def write_summary(out, summary: dict, records: list | None = None) -> None:
     for (dataset, preset), runs_ in _verification_runs(records).items():
         # partial binds this data set's runs and title now, not at the call
         figures[f"roc-{dataset}-{preset}.png"] = functools.partial(
-            plots.roc_curves, runs_, f"{dataset}, {preset}, first seed: verification ROC")
+            plots.roc_curves, runs_,
+            f"{dataset}, {preset}, each head's lowest seed: verification ROC")
         figures[f"scores-{dataset}-{preset}.png"] = functools.partial(
             plots.score_histograms, runs_,
-            f"{dataset}, {preset}, first seed: genuine and impostor cosines")
+            f"{dataset}, {preset}, each head's lowest seed: genuine and impostor cosines")
     for (dataset, preset), runs_ in _theta_runs(records).items():
         figures[f"theta-{dataset}-{preset}.png"] = functools.partial(
             plots.theta_epochs, runs_,
-            f"{dataset}, {preset}, first seed: $\\theta_y$ of the first test images per epoch")
+            f"{dataset}, {preset}, each cell's lowest seed: $\\theta_y$ of the first test "
+            "images per epoch")
     staged = []
     try:
         for name, data in contents.items():

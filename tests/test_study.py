@@ -341,6 +341,12 @@ def test_a_partial_run_of_other_settings_or_damaged_starts_over(tmp_path, shared
     assert "resumed_after_epoch" not in fresh and fresh["test_accuracy"] == other["test_accuracy"]
     assert fresh["metrics"] == other["metrics"]
     assert "discarded its checkpoint (" in capsys.readouterr().err
+    # a checkpoint that is a folder (damaged by hand): discarded, not a failure at every start
+    (folder / "latest.ckpt").unlink()
+    (folder / "latest.ckpt").mkdir()
+    again = study.run_task(longer, 1, str(shared_data), 256, 1, checkpoint_dir=str(folder))
+    assert "resumed_after_epoch" not in again and again["test_accuracy"] == other["test_accuracy"]
+    assert "discarded its checkpoint (its latest.ckpt is not a file)" in capsys.readouterr().err
     # a checkpoint beyond the epochs asked for: discarded, the shorter run trained
     short = study.run_task(config, 1, str(shared_data), 256, 1, checkpoint_dir=str(folder))
     assert short["history"]["epochs"] == [1] and "resumed_after_epoch" not in short
