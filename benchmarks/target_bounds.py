@@ -13,9 +13,12 @@ gradient) over the measured time. An im2col + GEMM implementation cannot
 pass 100 % of the peak by much (its GEMMs run at most at the peak, and
 everything else only adds time), so a target that needs more than that is
 out of its reach on that machine whatever is tuned: it takes an algorithm
-with fewer multiplications. `--write` puts the table between the
-``<!-- bounds:FILE -->`` and ``<!-- /bounds -->`` lines of docs/speed.md,
-FILE naming the results file.
+with fewer multiplications. A second table gives the report's four trainings
+(epochs of training and test-set evaluation) at adaloss's measured rates and
+at 100 % of the peak: the least wall time such a core needs for the report.
+`--write` puts the tables between the ``<!-- bounds:FILE -->`` and
+``<!-- /bounds -->`` (``report-bound``) lines of docs/speed.md, FILE naming
+the results file.
 """
 from __future__ import annotations
 
@@ -86,6 +89,47 @@ def table(result: dict, bench) -> str:
     return "\n".join(lines)
 
 
+# The report's trainings: (network, training images, test images, epochs).
+REPORT_RUNS = [("mnist-arcface", 60000, 10000, 10), ("mnist-adaface", 60000, 10000, 10),
+               ("cifar10-arcface", 50000, 10000, 20), ("cifar10-adaface", 50000, 10000, 20)]
+
+
+def report_rows(result: dict, bench, batch: int = 64, threads: int = 2) -> list:
+    """The report's four trainings (every epoch: the training set, then the
+    test set's forward pass) in seconds, at the rates adaloss reached in
+    `result` and at 100 % of its sgemm peak; processes, data, metrics and
+    figures not counted. A bound on the whole report's wall time: an im2col
+    + GEMM core needs at least the at-peak time."""
+    peak = result["sgemm_peak_gflops"][str(threads)]
+    rates = {c["net"]: c for c in result["configs"]
+             if c["batch"] == batch and c["threads"] == threads}
+    out = []
+    for net, n_train, n_test, epochs in REPORT_RUNS:
+        if net not in rates:
+            raise ValueError(f"the results hold no {net} row at batch {batch}, "
+                             f"{threads} threads")
+        channels, size, layers = bench.REPORT_NETS[net]
+        ft = bench.flops_per_image(layers, channels, size, True)
+        fe = bench.flops_per_image(layers, channels, size, False)
+        c = rates[net]
+        out.append({"net": net, "epochs": epochs,
+                    "measured": epochs * (n_train / c["ours_train"]["median"]
+                                          + n_test / c["ours_eval"]["median"]),
+                    "at_peak": epochs * (n_train * ft + n_test * fe) / 1e9 / peak})
+    return out
+
+
+def report_table(result: dict, bench) -> str:
+    rows = report_rows(result, bench)
+    lines = ["| training (batch 64, 2 threads) | epochs | at adaloss's measured rates (s) "
+             "| at 100 % of the sgemm peak (s) |", "|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['net']} | {r['epochs']} | {r['measured']:.0f} | {r['at_peak']:.0f} |")
+    m, p = sum(r["measured"] for r in rows), sum(r["at_peak"] for r in rows)
+    lines.append(f"| all four | | {m:.0f} ({m / 60:.1f} min) | {p:.0f} ({p / 60:.1f} min) |")
+    return "\n".join(lines)
+
+
 def latest_result() -> Path:
     """The newest bench_train.py result (by name: date, then -2, -3, ...)."""
     def key(p: Path):
@@ -99,8 +143,11 @@ def latest_result() -> Path:
 
 
 def fill(text: str, bench, results_dir: Path = RESULTS) -> str:
-    """text with every bounds block recomputed from the results file it names."""
-    return fill_blocks(text, "bounds", lambda result: table(result, bench), results_dir)
+    """text with every bounds and report-bound block recomputed from the
+    results file it names."""
+    text = fill_blocks(text, "bounds", lambda result: table(result, bench), results_dir)
+    return fill_blocks(text, "report-bound", lambda result: report_table(result, bench),
+                       results_dir)
 
 
 def main(argv=None) -> int:
@@ -119,7 +166,10 @@ def main(argv=None) -> int:
         return 0
     path = args.results or latest_result()
     print(f"{path.name}:\n")
-    print(table(json.loads(path.read_text()), bench))
+    result = json.loads(path.read_text())
+    print(table(result, bench))
+    print("\nThe report's trainings at these rates and at the peak:\n")
+    print(report_table(result, bench))
     return 0
 
 

@@ -29,6 +29,7 @@ def test_the_target_bounds_in_the_speed_doc_are_current():
     text = bounds.SPEED_DOC.read_text(encoding="utf-8")
     blocks = list(bounds.BLOCK_RE.finditer(text))
     assert blocks, "docs/speed.md has no bounds block"
+    assert "<!-- report-bound:" in text, "docs/speed.md has no report-bound block"
     assert bounds.fill(text, bench) == text, \
         "docs/speed.md: a bounds table is stale; run python benchmarks/target_bounds.py --write"
     # a table that differs from its results file is caught
@@ -151,3 +152,24 @@ def test_the_report_timing_names_a_bad_argument(tmp_path, monkeypatch, capsys, b
         report.main(["--state", str(tmp_path / "s.json")] + bad)
     assert message in capsys.readouterr().err and calls == []
     assert not (tmp_path / "s.json").exists()
+
+
+def test_the_report_bound_counts_every_epochs_training_and_evaluation(monkeypatch):
+    bounds = benchmark_module("target_bounds")
+    bench = bounds.bench_train()
+    layers = [("conv", 1, 4), ("pool",), ("linear", 4 * 7 * 7, 10)]
+    monkeypatch.setattr(bench, "REPORT_NETS", dict(bench.REPORT_NETS, toy=(1, 14, layers)))
+    monkeypatch.setattr(bounds, "REPORT_RUNS", [("toy", 1000, 100, 3)])
+    ft, fe = bench.flops_per_image(layers, 1, 14, True), bench.flops_per_image(layers, 1, 14, False)
+    result = {"sgemm_peak_gflops": {"2": 10.0},
+              "configs": [{"net": "toy", "batch": 64, "threads": 2,
+                           "ours_train": {"median": 500.0}, "ours_eval": {"median": 1000.0}},
+                          {"net": "toy", "batch": 256, "threads": 2,     # not the report's batch
+                           "ours_train": {"median": 1.0}, "ours_eval": {"median": 1.0}}]}
+    (row,) = bounds.report_rows(result, bench)
+    assert abs(row["measured"] - 3 * (1000 / 500 + 100 / 1000)) < 1e-9
+    assert abs(row["at_peak"] - 3 * (1000 * ft + 100 * fe) / 1e10) < 1e-12
+    assert "| all four | | 6 (0.1 min) |" in bounds.report_table(result, bench)
+    result["configs"] = result["configs"][1:]
+    with pytest.raises(ValueError, match="no toy row at batch 64, 2 threads"):
+        bounds.report_rows(result, bench)
