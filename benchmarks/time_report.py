@@ -45,8 +45,9 @@ import adaloss  # noqa: E402
 from adaloss import presets, runs  # noqa: E402
 
 
-def time_adaloss(dataset: str, args, out: Path) -> float:
-    """Wall seconds of one `adaloss reproduce --preset report` in a fresh process."""
+def time_adaloss(dataset: str, args, out: Path) -> tuple:
+    """Wall seconds of one `adaloss reproduce --preset report` in a fresh
+    process, and each of its runs' own (training and evaluation) by head."""
     cmd = [sys.executable, "-m", "adaloss", "reproduce", "--dataset", dataset, "--preset",
            "report", "--threads", str(args.threads), "--no-progress", "--out", str(out)]
     if args.data_root:
@@ -58,10 +59,13 @@ def time_adaloss(dataset: str, args, out: Path) -> float:
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     seconds = time.perf_counter() - t0
-    shutil.rmtree(out, ignore_errors=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
-    return seconds
+    try:
+        if proc.returncode != 0:
+            raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+        records = json.loads((out / "results.json").read_text())["runs"]
+        return seconds, {r["head"]: r["wall_seconds"] for r in records}
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
 
 
 def torch_data(dataset: str, args):
@@ -121,7 +125,9 @@ def plan(datasets: list, epochs) -> list:
 
 
 def summary(pieces: dict, datasets: list, epochs=None) -> dict:
-    """Per data set the adaloss command's seconds, each PyTorch training's and
+    """Per data set the adaloss command's seconds (and its runs' own, where
+    recorded: training and evaluation without the command's start, data,
+    metrics and figures), each PyTorch training's and
     their ratio (PyTorch over adaloss: above 1, adaloss is faster), None where
     a piece is not timed yet; the totals once every piece is."""
     rows = []
@@ -131,7 +137,9 @@ def summary(pieces: dict, datasets: list, epochs=None) -> dict:
                 if f"{dataset}/torch/{h}" in pieces}
         a = pieces.get(f"{dataset}/adaloss", {}).get("seconds")
         whole = len(done) == len(heads)
-        rows.append({"dataset": dataset, "adaloss_seconds": a, "torch_seconds": done,
+        rows.append({"dataset": dataset, "adaloss_seconds": a,
+                     "adaloss_runs": pieces.get(f"{dataset}/adaloss", {}).get("runs") or {},
+                     "torch_seconds": done,
                      "ratio": sum(done.values()) / a if whole and a else None})
     complete = [r for r in rows if r["ratio"] is not None]
     out = {"rows": rows, "adaloss_total_seconds": None, "torch_total_seconds": None}
@@ -149,6 +157,8 @@ def table(result: dict) -> str:
              "PyTorch / adaloss |", "|---|---|---|---|"]
     for r in s["rows"]:
         a = "not yet timed" if r["adaloss_seconds"] is None else f"{r['adaloss_seconds']:.0f}"
+        if r["adaloss_runs"]:
+            a += " (" + ", ".join(f"{h} {sec:.0f}" for h, sec in r["adaloss_runs"].items()) + ")"
         t = ", ".join(f"{h} {sec:.0f}" for h, sec in r["torch_seconds"].items())
         if r["ratio"] is not None:
             t = f"{sum(r['torch_seconds'].values()):.0f} ({t})"
@@ -212,11 +222,12 @@ def main(argv=None) -> int:
         load_before = os.getloadavg()
         started = time.strftime("%Y-%m-%d %H:%M:%S")
         with tempfile.TemporaryDirectory() as tmp:
+            piece = {}
             if config is None:
-                seconds = time_adaloss(dataset, args, Path(tmp) / dataset)
+                seconds, piece["runs"] = time_adaloss(dataset, args, Path(tmp) / dataset)
             else:
                 seconds = time_torch(config, torch_data(dataset, args), args)
-        pieces[key] = {"seconds": seconds, "started": started,
+        pieces[key] = {"seconds": seconds, **piece, "started": started,
                        "loadavg_before": load_before, "loadavg_after": os.getloadavg()}
         save_json(args.state, {"settings": settings, "pieces": pieces})
         timed += 1

@@ -61,7 +61,7 @@ def _fake_timings(monkeypatch, report, calls):
     20 s (a PyTorch training) and is recorded in calls."""
     def fake_adaloss(dataset, args, out):
         calls.append(f"{dataset}/adaloss")
-        return 10.0
+        return 10.0, {"arcface": 3.0, "adaface": 6.0}
 
     def fake_torch(config, data, args):
         calls.append(f"{config.dataset}/torch/{config.head}")
@@ -90,8 +90,10 @@ def test_the_report_timing_continues_where_it_stopped(tmp_path, monkeypatch):
     assert all(r["adaloss_seconds"] == 10.0 and r["ratio"] == 4.0 for r in result["rows"])
     assert result["adaloss_total_seconds"] == 20.0 and result["torch_total_seconds"] == 80.0
     assert len(result["pieces"]) == 6 and result["threads"] == 2
+    assert result["pieces"]["cifar10/adaloss"]["runs"] == {"arcface": 3.0, "adaface": 6.0}
     table = report.table(result)
     assert "| both | 20 (0.3 min) | 80 (1.3 min) | 4.00 |" in table
+    assert "| mnist | 10 (arcface 3, adaface 6) | 40 (arcface 20, adaface 20) | 4.00 |" in table
 
 
 def test_the_report_timing_refuses_a_state_of_other_settings_or_damaged(tmp_path, monkeypatch):
