@@ -436,11 +436,13 @@ def _prepare_partial(folder: Path, settings: dict) -> None:
         same = json.loads(path.read_text(encoding="utf-8")) == settings
     except (OSError, ValueError):
         same = False
-    if same and latest.exists() and not latest.is_file():
-        _discard(folder, f"its {checkpoint.LATEST} is not a file")
-        same = False
+    why = None
     if not same:
-        _discard(folder, "made with other settings" if path.exists() else "no settings.json")
+        why = "made with other settings" if path.exists() else "no settings.json"
+    elif latest.exists() and not latest.is_file():
+        why = f"its {checkpoint.LATEST} is not a file"
+    if why is not None:
+        _discard(folder, why)
         folder.mkdir(parents=True, exist_ok=True)
         atomic_write(path, json.dumps(settings, indent=1).encode())
 

@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import json
-import os
 import platform
 import re
 from pathlib import Path
+
+from adaloss.fileio import atomic_write
 
 
 def fresh_path(folder: Path, stem: str) -> Path:
@@ -54,8 +55,5 @@ def fill_blocks(text: str, tag: str, render, results_dir: Path) -> str:
 
 def write_doc(path: Path, text: str) -> None:
     """Replace a doc whole or not at all (unchanged text: not touched)."""
-    if path.read_text(encoding="utf-8") == text:
-        return
-    tmp = path.with_name(f".{path.name}.new")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    if path.read_text(encoding="utf-8") != text:
+        atomic_write(path, text.encode("utf-8"))

@@ -32,6 +32,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from results_io import SPEED_DOC, block_re, fill_blocks, write_doc  # noqa: E402
 
+from adaloss.presets import EPOCHS  # noqa: E402
+from adaloss.study import TRAIN_SIZES  # noqa: E402
+
 RESULTS = ROOT / "benchmarks" / "results"
 BLOCK_RE = block_re("bounds")
 
@@ -90,8 +93,8 @@ def table(result: dict, bench) -> str:
 
 
 # The report's trainings: (network, training images, test images, epochs).
-REPORT_RUNS = [("mnist-arcface", 60000, 10000, 10), ("mnist-adaface", 60000, 10000, 10),
-               ("cifar10-arcface", 50000, 10000, 20), ("cifar10-adaface", 50000, 10000, 20)]
+REPORT_RUNS = [(f"{d}-{head}", TRAIN_SIZES[d], 10000, EPOCHS[d])
+               for d in ("mnist", "cifar10") for head in ("arcface", "adaface")]
 
 
 def report_rows(result: dict, bench, batch: int = 64, threads: int = 2) -> list:

@@ -43,6 +43,7 @@ from torch_replica import torch_curve  # noqa: E402
 
 import adaloss  # noqa: E402
 from adaloss import presets, runs  # noqa: E402
+from adaloss.fileio import atomic_write  # noqa: E402
 
 
 def time_adaloss(dataset: str, args, out: Path) -> tuple:
@@ -109,9 +110,7 @@ def load_state(path: Path, settings: dict) -> dict:
 
 def save_json(path: Path, obj: dict) -> None:
     """Write whole or not at all."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    os.replace(tmp, path)
+    atomic_write(path, (json.dumps(obj, indent=1) + "\n").encode())
 
 
 def plan(datasets: list, epochs) -> list:
@@ -127,9 +126,9 @@ def plan(datasets: list, epochs) -> list:
 def summary(pieces: dict, datasets: list, epochs=None) -> dict:
     """Per data set the adaloss command's seconds (and its runs' own, where
     recorded: training and evaluation without the command's start, data,
-    metrics and figures), each PyTorch training's and
-    their ratio (PyTorch over adaloss: above 1, adaloss is faster), None where
-    a piece is not timed yet; the totals once every piece is."""
+    metrics and figures), each PyTorch training's and their ratio (PyTorch
+    over adaloss: above 1, adaloss is faster), None where a piece is not timed
+    yet; the totals once every piece is."""
     rows = []
     for dataset in datasets:
         heads = [c.head for c in presets.runs(dataset, "report", epochs)]

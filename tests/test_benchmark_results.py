@@ -1,4 +1,4 @@
-"""The benchmarks never overwrite an earlier results file."""
+"""The benchmarks' results: never overwritten, their generated doc tables current, the report timing resumable."""
 import json
 
 import pytest
