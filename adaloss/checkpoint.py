@@ -324,7 +324,7 @@ def load(path, net: Sequential, head: _Head, optimizer: Adam,
     copied: nothing is changed when anything fails, and every failure is a
     CheckpointError naming the file and the key. `check_extra(extra)`, if given,
     runs before the copy too; its TypeError, ValueError or KeyError becomes a
-    CheckpointError."""
+    CheckpointError (its own CheckpointError passes as it is)."""
     path = Path(path)
     expected = _expected_arrays(net, head, optimizer)
     max_bytes = (HEADER + MAX_META_BYTES + (1 << 20)
@@ -334,6 +334,8 @@ def load(path, net: Sequential, head: _Head, optimizer: Adam,
     if check_extra is not None:
         try:
             check_extra(state["extra"])
+        except CheckpointError:
+            raise
         except (TypeError, ValueError, KeyError) as exc:
             raise CheckpointError(f"{path}: extra: {exc!r}") from exc
     net.load_state_dict(state["net"])

@@ -154,24 +154,23 @@ def run_fingerprint(trainer: Trainer, x_train: np.ndarray, y_train: np.ndarray,
             "seed": seed, "batch_size": batch_size, "lr": trainer.optimizer.lr}
 
 
-def _check_resume(folder, fingerprint: dict, epochs: int) -> None:
-    """Refuse (before anything is loaded) to resume a checkpoint of another run,
-    or one already beyond `epochs`."""
-    path = Path(folder) / checkpoint.LATEST
-    if not path.exists():
-        return
-    _, meta = checkpoint.read(path)
-    done = (meta.get("extra") or {}).get("epoch")
+def _check_resume(path: Path, extra: dict, fingerprint: dict, epochs: int) -> None:
+    """Refuse to resume a checkpoint of another run, or one already beyond
+    `epochs` (load_latest's check, before anything is copied)."""
+    done = extra.get("epoch")
     if isinstance(done, int) and done > epochs:
         raise checkpoint.CheckpointError(
             f"{path}: the checkpoint is at epoch {done}, beyond the {epochs} asked for; give "
             f"epochs >= {done}, another checkpoint_dir, or resume=False to start over")
-    saved = (meta.get("extra") or {}).get("fingerprint")
+    saved = extra.get("fingerprint")
     if saved is None:
         warnings.warn(f"{path}: a checkpoint without the run's settings (written before they "
                       "were recorded); resuming it without checking that it is of the same "
-                      "data, seed, batch size and learning rate", stacklevel=3)
+                      "data, seed, batch size and learning rate", stacklevel=6)
         return
+    if not isinstance(saved, dict):
+        raise TypeError(f"fingerprint: expected a JSON object, got {type(saved).__name__}")
+
     def show(value) -> str:
         return f"{value:.6g}" if isinstance(value, float) else repr(value)
 
@@ -192,15 +191,23 @@ def _check_training_extra(extra: dict) -> None:
     History.from_dict(extra["history"])
 
 
-def load_latest(folder, trainer: Trainer) -> dict | None:
+def load_latest(folder, trainer: Trainer, fingerprint: dict | None = None,
+                epochs: int | None = None) -> dict | None:
     """Restore ``folder/latest.ckpt`` into the trainer; {"epoch", "rng",
     "history"} to resume from, or None when there is no checkpoint. Epoch, RNG
-    state and history are checked before any weight is copied."""
+    state and history are checked before any weight is copied; so, when
+    given, that the checkpoint is of the run `fingerprint` describes
+    (run_fingerprint) and not beyond `epochs` (CheckpointError otherwise)."""
     path = Path(folder) / checkpoint.LATEST
     if not path.exists():
         return None
-    extra = checkpoint.load(path, trainer.net, trainer.head, trainer.optimizer,
-                            check_extra=_check_training_extra)
+
+    def check(extra: dict) -> None:
+        if fingerprint is not None:
+            _check_resume(path, extra, fingerprint, epochs)
+        _check_training_extra(extra)
+
+    extra = checkpoint.load(path, trainer.net, trainer.head, trainer.optimizer, check_extra=check)
     rng = np.random.default_rng()
     rng.bit_generator.state = extra["rng"]
     return {"epoch": extra["epoch"], "rng": rng, "history": History.from_dict(extra["history"])}
@@ -315,14 +322,12 @@ def fit(trainer: Trainer, x_train: np.ndarray, y_train: np.ndarray, epochs: int 
             raise ValueError(f"checkpoint_dir: {folder / checkpoint.LATEST} is a folder, "
                              "expected a checkpoint file")
         fingerprint = run_fingerprint(trainer, x_train, y_train, batch_size, seed)
-        if resume:
-            _check_resume(folder, fingerprint, epochs)
         folder.mkdir(parents=True, exist_ok=True)    # fails now, not after an epoch
     history = history or History()
     rng = np.random.default_rng(seed)
     start_epoch = 0
     if checkpoint_dir is not None and resume:
-        state = load_latest(checkpoint_dir, trainer)
+        state = load_latest(checkpoint_dir, trainer, fingerprint, epochs)
         if state is not None:
             start_epoch, rng, history = state["epoch"], state["rng"], state["history"]
     n = len(y_train)

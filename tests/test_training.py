@@ -297,10 +297,28 @@ def test_fit_resumes_an_old_checkpoint_without_settings_with_a_warning(mnist_sma
     trainer = presets.build(config, seed=0)
     hist = training.fit(trainer, x, y, epochs=1, seed=5, progress=False)
     training.save_training(tmp_path, trainer, 1, np.random.default_rng(5), hist)  # no settings
-    with pytest.warns(UserWarning, match="without the run's settings"):
+    with pytest.warns(UserWarning, match="without the run's settings") as caught:
         hist = training.fit(presets.build(config, seed=3), x, y, epochs=2, seed=5,
                             progress=False, checkpoint_dir=tmp_path)
     assert hist.epochs == [1, 2]
+    assert caught[0].filename == __file__           # the warning names the caller's line
+
+
+def test_fit_reads_the_checkpoint_it_resumes_once(mnist_small, tmp_path, monkeypatch):
+    """The resume checks and the restore share one read of latest.ckpt, so
+    the file checked is the file loaded."""
+    config = presets.runs("mnist", "fair")[0]
+    x, y = mnist_small.train_images[:128], mnist_small.train_labels[:128]
+    training.fit(presets.build(config, seed=0), x, y, epochs=1, seed=5, progress=False,
+                 checkpoint_dir=tmp_path)
+    reads = []
+    real_read = checkpoint.read
+    monkeypatch.setattr(checkpoint, "read", lambda path, *a, **k: reads.append(path)
+                        or real_read(path, *a, **k))
+    hist = training.fit(presets.build(config, seed=3), x, y, epochs=2, seed=5, progress=False,
+                        checkpoint_dir=tmp_path)
+    assert hist.epochs == [1, 2]
+    assert reads == [tmp_path / checkpoint.LATEST]
 
 
 def test_a_checkpoint_dir_that_is_a_file_fails_before_training(mnist_small, tmp_path):
