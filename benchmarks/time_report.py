@@ -87,6 +87,15 @@ def time_torch(config, data, args) -> float:
     return time.perf_counter() - t0
 
 
+def sgemm_rate(threads: int) -> float:
+    """The machine's speed around a piece: sgemm GFLOP/s (2048^3, the median of
+    5), as bench_train.py measures its peak. Pieces run hours apart on a
+    shared machine; this shows how far its speed moved between them."""
+    from bench_train import sgemm_peak
+
+    return sgemm_peak(threads, 5)
+
+
 def load_state(path: Path, settings: dict) -> dict:
     """The pieces already timed under these settings ({} for a new run)."""
     if not path.exists():
@@ -169,6 +178,13 @@ def table(result: dict) -> str:
     if a is not None:
         lines.append(f"| both | {a:.0f} ({a / 60:.1f} min) | {t:.0f} ({t / 60:.1f} min) | "
                      f"{t / a:.2f} |")
+    rates = [f"{key} {p['sgemm_gflops_before']:.0f}-{p['sgemm_gflops_after']:.0f}"
+             for key, p in result["pieces"].items() if "sgemm_gflops_before" in p]
+    if rates:
+        lines.append("\nsgemm GFLOP/s before-after each piece (the machine's speed): "
+                     + ", ".join(rates)
+                     + (" (not measured around the others)"
+                        if len(rates) < len(result["pieces"]) else ""))
     return "\n".join(lines)
 
 
@@ -218,7 +234,7 @@ def main(argv=None) -> int:
         if args.max_pieces is not None and timed >= args.max_pieces:
             print(f"stopped after {timed} pieces; the same command continues", file=sys.stderr)
             return 0
-        load_before = os.getloadavg()
+        load_before, rate_before = os.getloadavg(), sgemm_rate(args.threads)
         started = time.strftime("%Y-%m-%d %H:%M:%S")
         with tempfile.TemporaryDirectory() as tmp:
             piece = {}
@@ -227,7 +243,9 @@ def main(argv=None) -> int:
             else:
                 seconds = time_torch(config, torch_data(dataset, args), args)
         pieces[key] = {"seconds": seconds, **piece, "started": started,
-                       "loadavg_before": load_before, "loadavg_after": os.getloadavg()}
+                       "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
+                       "sgemm_gflops_before": rate_before,
+                       "sgemm_gflops_after": sgemm_rate(args.threads)}
         save_json(args.state, {"settings": settings, "pieces": pieces})
         timed += 1
         print(f"{key}: {seconds:.0f} s", file=sys.stderr, flush=True)
