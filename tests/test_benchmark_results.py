@@ -70,6 +70,8 @@ def _fake_timings(monkeypatch, report, calls):
     monkeypatch.setattr(report, "time_adaloss", fake_adaloss)
     monkeypatch.setattr(report, "time_torch", fake_torch)
     monkeypatch.setattr(report, "torch_data", lambda dataset, args: None)
+    rates = iter(range(100, 200))
+    monkeypatch.setattr(report, "sgemm_rate", lambda threads: float(next(rates)))
 
 
 def test_the_report_timing_continues_where_it_stopped(tmp_path, monkeypatch):
@@ -94,6 +96,11 @@ def test_the_report_timing_continues_where_it_stopped(tmp_path, monkeypatch):
     table = report.table(result)
     assert "| both | 20 (0.3 min) | 80 (1.3 min) | 4.00 |" in table
     assert "| mnist | 10 (arcface 3, adaface 6) | 40 (arcface 20, adaface 20) | 4.00 |" in table
+    # the machine's speed before and after each piece, in the order they ran
+    assert [(p["sgemm_gflops_before"], p["sgemm_gflops_after"])
+            for p in result["pieces"].values()] == [(100 + 2 * i, 101 + 2 * i) for i in range(6)]
+    assert "mnist/adaloss 100-101, mnist/torch/arcface 102-103" in table
+    assert "not measured" not in table
 
 
 def test_the_report_timing_refuses_a_state_of_other_settings_or_damaged(tmp_path, monkeypatch):
@@ -175,3 +182,11 @@ def test_the_report_bound_counts_every_epochs_training_and_evaluation(monkeypatc
     result["configs"] = result["configs"][1:]
     with pytest.raises(ValueError, match="no toy row at batch 64, 2 threads"):
         bounds.report_rows(result, bench)
+
+
+@pytest.mark.parametrize("flag", ["--steps", "--repeats", "--threads", "--batch"])
+def test_real_vs_random_names_a_bad_count(flag, capsys):
+    script = benchmark_module("real_vs_random")
+    with pytest.raises(SystemExit):
+        script.main([flag, "0"])
+    assert f"{flag}: expected a positive int, got 0" in capsys.readouterr().err
