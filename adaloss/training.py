@@ -154,14 +154,18 @@ def run_fingerprint(trainer: Trainer, x_train: np.ndarray, y_train: np.ndarray,
             "seed": seed, "batch_size": batch_size, "lr": trainer.optimizer.lr}
 
 
-def _check_resume(path: Path, extra: dict, fingerprint: dict, epochs: int) -> None:
-    """Refuse to resume a checkpoint of another run, or one already beyond
-    `epochs` (load_latest's check, before anything is copied)."""
+def _check_resume(path: Path, extra: dict, fingerprint: dict | None,
+                  epochs: int | None) -> None:
+    """Refuse to resume a checkpoint of another run (when `fingerprint` is
+    given), or one already beyond `epochs` (when given): load_latest's check,
+    before anything is copied."""
     done = extra.get("epoch")
-    if isinstance(done, int) and done > epochs:
+    if epochs is not None and isinstance(done, int) and done > epochs:
         raise checkpoint.CheckpointError(
             f"{path}: the checkpoint is at epoch {done}, beyond the {epochs} asked for; give "
             f"epochs >= {done}, another checkpoint_dir, or resume=False to start over")
+    if fingerprint is None:
+        return
     saved = extra.get("fingerprint")
     if saved is None:
         warnings.warn(f"{path}: a checkpoint without the run's settings (written before they "
@@ -203,8 +207,7 @@ def load_latest(folder, trainer: Trainer, fingerprint: dict | None = None,
         return None
 
     def check(extra: dict) -> None:
-        if fingerprint is not None:
-            _check_resume(path, extra, fingerprint, epochs)
+        _check_resume(path, extra, fingerprint, epochs)
         _check_training_extra(extra)
 
     extra = checkpoint.load(path, trainer.net, trainer.head, trainer.optimizer, check_extra=check)

@@ -39,6 +39,7 @@ sys.path.insert(0, str(HERE.parent / "tests"))
 sys.path.insert(0, str(HERE))
 
 from results_io import SPEED_DOC, cpu_model, fill_blocks, fresh_path, write_doc  # noqa: E402
+from bench_train import sgemm_peak  # noqa: E402
 from torch_replica import torch_curve  # noqa: E402
 
 import adaloss  # noqa: E402
@@ -91,8 +92,6 @@ def sgemm_rate(threads: int) -> float:
     """The machine's speed around a piece: sgemm GFLOP/s (2048^3, the median of
     5), as bench_train.py measures its peak. Pieces run hours apart on a
     shared machine; this shows how far its speed moved between them."""
-    from bench_train import sgemm_peak
-
     return sgemm_peak(threads, 5)
 
 

@@ -319,6 +319,12 @@ def test_fit_reads_the_checkpoint_it_resumes_once(mnist_small, tmp_path, monkeyp
                         checkpoint_dir=tmp_path)
     assert hist.epochs == [1, 2]
     assert reads == [tmp_path / checkpoint.LATEST]
+    # load_latest checks the epochs asked for with or without the run's settings
+    trainer = presets.build(config, seed=3)
+    with pytest.raises(checkpoint.CheckpointError, match="at epoch 2, beyond the 1 asked for"):
+        training.load_latest(tmp_path, trainer, epochs=1)
+    assert trainer.optimizer.step_count == 0
+    assert training.load_latest(tmp_path, trainer, epochs=2)["epoch"] == 2
 
 
 def test_a_checkpoint_dir_that_is_a_file_fails_before_training(mnist_small, tmp_path):
